@@ -1,0 +1,26 @@
+"""One error type for everything a user can get wrong.
+
+The CLI catches :class:`XrdVisionError` and prints its message as one line (no traceback), so every
+message must name the file or key at fault and the reason, e.g. ``data/x.cif: no atoms in structure``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class XrdVisionError(Exception):
+    """A user-facing error: bad input, bad settings, missing files. Printed as one line by the CLI."""
+
+
+class ConfigError(XrdVisionError):
+    """An invalid ``params.yaml``: unknown key, wrong type or impossible value."""
+
+
+class InputError(XrdVisionError):
+    """A bad input file (CIF, pattern, image). ``str()`` is ``"<path>: <reason>"``."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = str(path)
+        self.reason = " ".join(str(reason).split())  # keep it to one line
+        super().__init__(f"{self.path}: {self.reason}")
