@@ -166,7 +166,7 @@ class SplitParams:
 class ModelParams:
     """The VGG16 transfer-learning model."""
 
-    weights: str = "../shared/weights/models/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    weights: str = ""  # "" = look in the usual places (model.resolve_weights)
     dense: list[int] = field(default_factory=lambda: [256])
     dropout: float = 0.3
     trainable_conv: int = 3  # how many of VGG16's 13 conv layers (from the top) are trained

@@ -1,0 +1,148 @@
+"""``xrdvision`` command: one subcommand per DVC stage, plus the user-facing tools.
+
+Each subcommand is a thin wrapper: read ``params.yaml`` once, call the stage's function, print one
+summary line. Every :class:`~xrdvision.errors.XrdVisionError` (bad input, bad settings) is printed as
+one line ``xrdvision: error: <file or key>: <reason>`` with exit status 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from xrdvision.config import Params, load_params
+from xrdvision.errors import XrdVisionError
+
+
+def _quiet_tensorflow() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def _fmt_reasons(reasons: dict) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])) or "none"
+
+
+def cmd_ingest(p: Params, a: argparse.Namespace) -> None:
+    from xrdvision.cod import run_ingest
+
+    s = run_ingest(p, Path(a.out), Path(a.report))
+    print(
+        f"ingest: {s['n_ok']} CIFs from {p.ingest.source} into {a.out}; "
+        f"{s.get('n_skipped', 0)} skipped, {s['n_failed']} failed ({_fmt_reasons(s.get('reasons', {}))}); "
+        f"report: {a.report}"
+    )
+
+
+def cmd_simulate(p: Params, a: argparse.Namespace) -> None:
+    from xrdvision.simulate import run_simulate
+
+    s = run_simulate(p, Path(a.cifs), Path(a.out))
+    per = ", ".join(f"{k} {v}" for k, v in s.get("per_system", {}).items())
+    print(
+        f"simulate: {s['n_ok']} patterns ({per}), {s['n_failed']} failed ({_fmt_reasons(s.get('reasons', {}))}) "
+        f"in {s.get('seconds', 0):.0f} s; manifest: {Path(a.out) / 'manifest.csv'}"
+    )
+
+
+def cmd_render(p: Params, a: argparse.Namespace) -> None:
+    from xrdvision.render import run_render
+
+    s = run_render(p, Path(a.patterns), Path(a.out))
+    print(f"render: {s['n_images']} images of {s['n_structures']} structures in {s.get('seconds', 0):.0f} s")
+
+
+def cmd_split(p: Params, a: argparse.Namespace) -> None:
+    from xrdvision.split import run_split
+
+    s = run_split(p, Path(a.manifest), Path(a.images), Path(a.out))
+    counts = s.get("counts", s)
+    print(f"split: {counts} -> {a.out}")
+
+
+def cmd_features(p: Params, a: argparse.Namespace) -> None:
+    from xrdvision.features import run_features
+
+    s = run_features(p, Path(a.split), Path(a.images), Path(a.out))
+    sizes = ", ".join(f"{k} {v['n_images']}" for k, v in s["splits"].items())
+    print(f"features: cached {s['cut_layer']} output for {sizes} images; {len(s['skipped'])} skipped")
+
+
+def cmd_train(p: Params, a: argparse.Namespace) -> None:
+    from xrdvision.train import run_train
+
+    s = run_train(p, Path(a.features), Path(a.models), Path(a.metrics), Path(a.history))
+    print(
+        f"train: val accuracy {s['val_accuracy']:.3f} (train {s['train_accuracy']:.3f}) after "
+        f"{s['epochs_run']} epochs; registered {s['registered_model']} v{s['version']} as challenger"
+    )
+
+
+def cmd_evaluate(p: Params, a: argparse.Namespace) -> None:
+    from xrdvision.evaluate import run_evaluate
+
+    m = run_evaluate(
+        p, Path(a.models), Path(a.split), Path(a.images), Path(a.metrics), Path(a.plots), Path(a.reports),
+        Path(a.train_metrics),
+    )
+    print(
+        f"evaluate: test accuracy {m['accuracy']:.3f} (95% CI {m['accuracy_ci95_low']:.3f}-"
+        f"{m['accuracy_ci95_high']:.3f}), loss {m['loss']:.3f}, top-3 {m['top3_accuracy']:.3f}, "
+        f"macro F1 {m['macro_f1']:.3f} on {m['n_test']} test structures"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xrdvision",
+        description="Crystal-system / space-group classification of powder XRD patterns (VGG16, DVC, MLflow).",
+    )
+    parser.add_argument("--params", default="params.yaml", help="settings file (default: params.yaml)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Callable, help: str, **paths: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        for key, default in paths.items():
+            sp.add_argument(f"--{key.replace('_', '-')}", dest=key, default=default, help=f"(default: {default})")
+        sp.set_defaults(func=func)
+        return sp
+
+    add("ingest", cmd_ingest, "Gather CIFs (embedded sample, a folder, or the COD server) into one folder.",
+        out="data/cifs", report="data/reports/ingest.csv")
+    add("simulate", cmd_simulate, "Labels (pymatgen) and simulated Cu K-alpha patterns (xrayutilities).",
+        cifs="data/cifs", out="data/patterns")
+    add("render", cmd_render, "Augment the patterns and render them as 224x224 PNG images.",
+        patterns="data/patterns", out="data/images")
+    add("split", cmd_split, "Grouped, stratified train/validation/test split.",
+        manifest="data/patterns/manifest.csv", images="data/images/index.csv", out="data/split")
+    add("features", cmd_features, "Cache the frozen VGG16 layers' output for every split image.",
+        split="data/split", images="data/images", out="data/features")
+    add("train", cmd_train, "Fine-tune the VGG16 tail; log to MLflow; register the model as challenger.",
+        features="data/features", models="models", metrics="metrics/train.json", history="plots/training.csv")
+    add("evaluate", cmd_evaluate, "Test-split accuracy (95% CI), loss, top-3, macro F1, confusion matrix.",
+        models="models", split="data/split", images="data/images", metrics="metrics/metrics.json",
+        plots="plots", reports="reports", train_metrics="metrics/train.json")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_tensorflow()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        params = load_params(args.params)
+        args.func(params, args)
+    except XrdVisionError as exc:
+        print(f"xrdvision: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("xrdvision: interrupted; finished work is kept and a rerun resumes", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

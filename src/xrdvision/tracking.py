@@ -1,0 +1,123 @@
+"""MLflow plumbing: where runs go, what they are tagged with, and failing early when it is unreachable.
+
+Default store: a sqlite file under ``mlruns/`` (git-ignored), so ``mlflow ui --backend-store-uri
+sqlite:///mlruns/mlflow.db`` shows every run with no server. ``MLFLOW_TRACKING_URI`` (or params
+``mlflow.tracking_uri``) points at a shared server instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from xrdvision.config import MlflowParams
+from xrdvision.errors import XrdVisionError
+
+RUN_INFO = "run.json"  # written beside the model: which MLflow run and model version it is
+
+
+def tracking_uri(p: MlflowParams) -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else the params' URI (sqlite paths made absolute-safe)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or p.tracking_uri
+
+
+def setup(p: MlflowParams, *, check: bool = True) -> str:
+    """Point MLflow at the store, create the local folder, and check the store answers.
+
+    Checking first means an unreachable server is reported in one line *before* minutes of
+    training, and no model or metrics are written for a run that could not be logged.
+    """
+    import mlflow
+
+    uri = tracking_uri(p)
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    elif uri.startswith("http"):
+        # Fail fast instead of MLflow's default minutes of retries.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    if check:
+        try:
+            mlflow.MlflowClient().search_experiments(max_results=1)
+        except Exception as exc:  # connection errors surface as several MLflow/requests types
+            reason = " ".join(str(exc).split())[:160]
+            raise XrdVisionError(f"{uri}: MLflow tracking store not reachable ({reason})") from None
+    return uri
+
+
+def registered_model_name(p: MlflowParams, mode: str) -> str:
+    """One registered model per label mode: crystal-system and space-group models never mix."""
+    return f"{p.registered_model_prefix}-{mode.replace('_', '-')}"
+
+
+def git_commit() -> str:
+    """The current commit (with ``-dirty`` if the tree has changes), or ``unknown`` outside git."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def data_hashes(paths: list[str], lock_path: str | Path = "dvc.lock") -> dict[str, str]:
+    """DVC's md5 of each data path, read from ``dvc.lock`` (what ``dvc repro`` recorded).
+
+    Outside DVC (or for a path not yet locked) the md5 of the path's files is computed the same way
+    DVC would not, so it is tagged ``md5:`` to tell them apart.
+    """
+    out: dict[str, str] = {}
+    locked: dict[str, str] = {}
+    lock = Path(lock_path)
+    if lock.is_file():
+        data = yaml.safe_load(lock.read_text()) or {}
+        for stage in (data.get("stages") or {}).values():
+            for item in stage.get("outs", []) or []:
+                if "md5" in item:
+                    locked[str(item["path"]).rstrip("/")] = item["md5"]
+    for path in paths:
+        key = path.rstrip("/")
+        if key in locked:
+            out[key] = locked[key]
+        elif Path(path).exists():
+            out[key] = "md5:" + _tree_md5(Path(path))
+    return out
+
+
+def _tree_md5(path: Path) -> str:
+    h = hashlib.md5()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
+        h.update(hashlib.md5(f.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def write_run_info(path: Path, info: dict[str, Any]) -> None:
+    from xrdvision.atomic import write_json
+
+    write_json(path, info)
+
+
+def read_run_info(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise XrdVisionError(f"{path}: no run info (run `dvc repro train` first)") from None
+    except json.JSONDecodeError as exc:
+        raise XrdVisionError(f"{path}: corrupt run info ({exc})") from None

@@ -1,0 +1,272 @@
+"""The ``train`` stage: fit the trainable tail on cached features, save the full model, track in MLflow.
+
+The seed recipe: categorical cross-entropy, Adam (lr 1e-4), early stopping on validation loss with the
+best weights restored, up to 50 epochs, batch 32. Training runs on the cached output of VGG16's frozen
+layers (``features`` stage); because the tail shares its layers with the full model, the saved
+``models/model.keras`` is the complete image classifier. Interrupted training resumes from the last
+finished epoch (Keras ``BackupAndRestore``).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from xrdvision import tracking
+from xrdvision.atomic import atomic_open, atomic_path, write_json
+from xrdvision.config import Params
+from xrdvision.errors import XrdVisionError
+from xrdvision.features import load_features
+from xrdvision.labels import class_names
+
+HISTORY_KEYS = ("loss", "accuracy", "top3_accuracy", "val_loss", "val_accuracy", "val_top3_accuracy")
+
+
+def encode_labels(values: np.ndarray, classes: list[str], where: str) -> np.ndarray:
+    """Class indices for label strings; an unknown label is an error naming the file."""
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted({str(v) for v in values} - set(index))
+    if unknown:
+        raise XrdVisionError(f"{where}: labels not among the classes: {', '.join(unknown[:5])}")
+    return np.array([index[str(v)] for v in values], dtype=np.int64)
+
+
+def check_class_coverage(train_y: np.ndarray, other: dict[str, np.ndarray], classes: list[str], mode: str) -> list[str]:
+    """Classes that appear in validation/test but never in training cannot be learned.
+
+    For crystal systems (7 classes, all common) that means the data or split is wrong: an error. For
+    space groups (230 classes, most rare) it is expected on small data: returned as warnings.
+    """
+    seen = set(train_y.tolist())
+    warnings = []
+    for split, y in other.items():
+        missing = sorted({classes[i] for i in set(y.tolist()) - seen})
+        if missing:
+            msg = f"{split} split has classes with no training images: {', '.join(missing[:10])}"
+            if mode == "crystal_system":
+                raise XrdVisionError(f"data/split/train.csv: {msg}")
+            warnings.append(msg + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else ""))
+    return warnings
+
+
+def class_weight_map(y: np.ndarray, n_classes: int) -> dict[int, float]:
+    """'balanced' weights n / (k * count) for the classes present (imbalance: cubic vs triclinic)."""
+    counts = np.bincount(y, minlength=n_classes)
+    present = counts > 0
+    k = int(present.sum())
+    return {int(c): float(len(y) / (k * counts[c])) for c in np.flatnonzero(present)}
+
+
+def _mlflow_epoch_callback():
+    import keras
+    import mlflow
+
+    class MlflowEpochLogger(keras.callbacks.Callback):
+        """Per-epoch metrics to the active MLflow run (step = epoch)."""
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = {k: float(v) for k, v in (logs or {}).items() if np.isscalar(v)}
+            mlflow.log_metrics(logs, step=epoch)
+
+    return MlflowEpochLogger()
+
+
+def _backup_dir(params: Params, features_dir: Path) -> Path:
+    """Resume folder keyed by what the run depends on, so a changed run never resumes a stale one."""
+    key = json.dumps(
+        {"model": params.flat(), "features": sorted(str(p.stat().st_mtime_ns) for p in Path(features_dir).glob("*.npz"))},
+        sort_keys=True,
+        default=str,
+    )
+    return Path("data/cache/train_backup") / hashlib.md5(key.encode()).hexdigest()[:12]
+
+
+def fit_tail(
+    params: Params,
+    train: dict[str, np.ndarray],
+    val: dict[str, np.ndarray],
+    *,
+    weights: Any = "resolve",
+    extra_callbacks: list | None = None,
+    backup_dir: Path | None = None,
+    verbose: int = 2,
+):
+    """Build the split model and fit its tail on cached features. Returns (SplitModel, history, info).
+
+    Shared by the train stage and the tuner, so a tuned trial and the final run train the same way.
+    """
+    import keras
+    import tensorflow as tf
+
+    from xrdvision.model import build_model, compile_tail
+
+    mode = params.labels.mode
+    classes = class_names(mode)
+    ytr = encode_labels(train[mode], classes, "train features")
+    yva = encode_labels(val[mode], classes, "val features")
+    warnings = check_class_coverage(ytr, {"val": yva}, classes, mode)
+    keras.utils.set_random_seed(params.seed)
+    net = build_model(len(classes), params.model, weights=weights, seed=params.seed)
+    if tuple(net.tail.input.shape[1:]) != tuple(train["features"].shape[1:]):
+        raise XrdVisionError(
+            f"features: cached tensors have shape {train['features'].shape[1:]} but model.trainable_conv="
+            f"{params.model.trainable_conv} needs {tuple(net.tail.input.shape[1:])}: run `dvc repro features`"
+        )
+    compile_tail(net.tail, params.train.learning_rate)
+    n = len(classes)
+    bs = params.train.batch_size
+    ds_train = (
+        tf.data.Dataset.from_tensor_slices((train["features"], keras.utils.to_categorical(ytr, n)))
+        .shuffle(len(ytr), seed=params.seed, reshuffle_each_iteration=True)
+        .batch(bs)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+    ds_val = (
+        tf.data.Dataset.from_tensor_slices((val["features"], keras.utils.to_categorical(yva, n)))
+        .batch(bs)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+    callbacks = [
+        keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=params.train.patience, restore_best_weights=True, verbose=1
+        ),
+        *(extra_callbacks or []),
+    ]
+    if backup_dir is not None:
+        callbacks.append(keras.callbacks.BackupAndRestore(str(backup_dir)))
+    t0 = time.perf_counter()
+    history = net.tail.fit(
+        ds_train,
+        validation_data=ds_val,
+        epochs=params.train.epochs,
+        class_weight=class_weight_map(ytr, n) if params.train.class_weights else None,
+        callbacks=callbacks,
+        verbose=verbose,
+    )
+    seconds = time.perf_counter() - t0
+    hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
+    best_epoch = int(np.argmin(hist["val_loss"])) if hist.get("val_loss") else len(hist.get("loss", [])) - 1
+    info = {"seconds": seconds, "epochs_run": len(hist.get("loss", [])), "best_epoch": best_epoch, "warnings": warnings}
+    return net, hist, info
+
+
+def tail_metrics(tail, data: dict[str, np.ndarray], mode: str, only_copy0: bool = True) -> dict[str, float]:
+    """Loss and accuracy of the tail on cached features (unaugmented copies only by default)."""
+    classes = class_names(mode)
+    mask = data["copy"] == 0 if only_copy0 and "copy" in data else np.ones(len(data[mode]), bool)
+    y = encode_labels(data[mode][mask], classes, "features")
+    probs = np.asarray(tail.predict(data["features"][mask], batch_size=64, verbose=0))
+    p_true = np.clip(probs[np.arange(len(y)), y], 1e-7, 1.0)
+    return {"loss": float(-np.mean(np.log(p_true))), "accuracy": float(np.mean(probs.argmax(1) == y))}
+
+
+def write_history_csv(path: Path, hist: dict[str, list[float]]) -> None:
+    """Per-epoch curves for ``dvc plots`` (one row per epoch)."""
+    keys = [k for k in HISTORY_KEYS if k in hist]
+    with atomic_open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["epoch", *keys])
+        for e in range(len(hist.get("loss", []))):
+            w.writerow([e, *(f"{hist[k][e]:.6f}" for k in keys)])
+
+
+def run_train(
+    params: Params,
+    features_dir: Path,
+    model_dir: Path,
+    metrics_path: Path,
+    history_path: Path,
+) -> dict[str, Any]:
+    """Train, then save the full model, metrics and curves, and log + register the model in MLflow."""
+    import mlflow
+
+    tracking.setup(params.mlflow)  # fail now, not after training, if the store does not answer
+    features_dir, model_dir = Path(features_dir), Path(model_dir)
+    train = load_features(features_dir / "train.npz")
+    val = load_features(features_dir / "val.npz")
+    mode = params.labels.mode
+    mlflow.set_experiment(params.mlflow.experiment)
+    with mlflow.start_run(run_name=f"train-{mode}") as run:
+        mlflow.log_params(params.flat())
+        data = tracking.data_hashes(["data/images", "data/split", "data/features"])
+        mlflow.set_tags(
+            {
+                "git_commit": tracking.git_commit(),
+                "label_mode": mode,
+                "weights_md5": str(train.get("weights_md5", "")),
+                "cut_layer": str(train.get("cut_layer", "")),
+                **{f"data_md5.{k}": v for k, v in data.items()},
+            }
+        )
+        backup = _backup_dir(params, features_dir)
+        net, hist, info = fit_tail(
+            params, train, val, extra_callbacks=[_mlflow_epoch_callback()], backup_dir=backup
+        )
+        for w in info["warnings"]:
+            print(f"warning: {w}")
+        train_m = tail_metrics(net.tail, train, mode)
+        val_m = tail_metrics(net.tail, val, mode)
+        metrics = {
+            "train_accuracy": train_m["accuracy"],
+            "train_loss": train_m["loss"],
+            "val_accuracy": val_m["accuracy"],
+            "val_loss": val_m["loss"],
+            "best_epoch": info["best_epoch"],
+            "epochs_run": info["epochs_run"],
+            "train_seconds": round(info["seconds"], 1),
+            "n_train_images": len(train["features"]),
+            "n_val_images": len(val["features"]),
+        }
+        mlflow.log_metrics({f"final_{k}": float(v) for k, v in metrics.items()})
+        model_path = model_dir / "model.keras"
+        with atomic_path(model_path, suffix=".keras") as tmp:
+            net.full.save(tmp)
+        classes = class_names(mode)
+        write_json(model_dir / "classes.json", {"mode": mode, "classes": classes})
+        uri, version = log_and_register(net.full, params, classes, model_dir / "classes.json")
+        write_json(metrics_path, metrics)
+        write_history_csv(history_path, hist)
+        mlflow.log_artifact(str(history_path), "plots")
+        info_out = {
+            "run_id": run.info.run_id,
+            "experiment": params.mlflow.experiment,
+            "tracking_uri": tracking.tracking_uri(params.mlflow),
+            "registered_model": tracking.registered_model_name(params.mlflow, mode),
+            "version": version,
+            "model_uri": uri,
+            "label_mode": mode,
+        }
+        tracking.write_run_info(model_dir / tracking.RUN_INFO, info_out)
+    return {**metrics, **info_out}
+
+
+def log_and_register(full_model, params: Params, classes: list[str], classes_file: Path) -> tuple[str, str]:
+    """Log the full model (Keras flavour, signature, input example) and register it as ``challenger``."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    name = tracking.registered_model_name(params.mlflow, params.labels.mode)
+    example = np.zeros((1, 224, 224, 3), dtype=np.float32)
+    example[0, 200:, :, :] = 255.0  # a flat white baseline, as a rendered empty pattern looks
+    signature = infer_signature(example, np.asarray(full_model.predict(example, verbose=0)))
+    info = mlflow.keras.log_model(
+        full_model,
+        name="model",
+        signature=signature,
+        input_example=example,
+        registered_model_name=name,
+        metadata={"classes": classes, "label_mode": params.labels.mode},
+    )
+    mlflow.log_artifact(str(classes_file))
+    client = mlflow.MlflowClient()
+    version = str(info.registered_model_version)
+    client.set_registered_model_alias(name, "challenger", version)
+    client.set_model_version_tag(name, version, "label_mode", params.labels.mode)
+    client.set_model_version_tag(name, version, "classes", json.dumps(classes))
+    return f"models:/{name}/{version}", version

@@ -1,0 +1,72 @@
+"""params.yaml validation: the shipped file is valid and every kind of mistake names its key."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+
+from conftest import ROOT
+from xrdvision.config import Params, default_params_dict, load_params, parse_params
+from xrdvision.errors import ConfigError
+
+
+def test_shipped_params_are_the_documented_defaults():
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert parse_params(data) == Params()
+    assert data == default_params_dict()
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"simulate": {"two_theta_mx": 80}}, "simulate.two_theta_mx: unknown key (did you mean simulate.two_theta_max?)"),
+        ({"simulat": {}}, "simulat: unknown key (did you mean simulate?)"),
+        ({"simulate": {"wavelength": -1.5}}, "simulate.wavelength: must be > 0"),
+        ({"simulate": {"two_theta_min": 90, "two_theta_max": 10}}, "two_theta_min < two_theta_max"),
+        ({"split": {"train": 0.8}}, "must sum to 1 (they sum to 1.1)"),
+        ({"seed": "42"}, "seed: expected an integer"),
+        ({"train": {"epochs": 2.5}}, "train.epochs: expected an integer"),
+        ({"simulate": {"kalpha2": "yes"}}, "simulate.kalpha2: expected true/false"),
+        ({"labels": {"mode": "spacegroup"}}, "labels.mode: 'spacegroup' is not one of crystal_system, space_group"),
+        ({"model": {"dense": []}}, "model.dense: need 1-3 positive layer widths"),
+        ({"augment": {"fwhm_range": [0.2, 0.1]}}, "augment.fwhm_range"),
+        ({"model": {"trainable_conv": 14}}, "model.trainable_conv: must be in [0, 13]"),
+        ({"simulate": []}, "simulate: expected a mapping"),
+    ],
+)
+def test_invalid_params_name_the_key(data, message):
+    with pytest.raises(ConfigError) as err:
+        parse_params(data)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_int_widens_to_float_and_partial_sections_keep_defaults():
+    p = parse_params({"simulate": {"two_theta_max": 80}})
+    assert p.simulate.two_theta_max == 80.0 and isinstance(p.simulate.two_theta_max, float)
+    assert p.simulate.two_theta_min == 5.0 and p.train == Params().train
+
+
+def test_load_params_errors_name_the_file(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match=r"nope.yaml: params file not found"):
+        load_params(missing)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("simulate:\n  step: [0.1\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml: line \d+ not valid YAML"):
+        load_params(broken)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("train:\n  epoch: 3\n")
+    with pytest.raises(ConfigError, match=r"typo.yaml: params: train.epoch: unknown key \(did you mean train.epochs\?\)"):
+        load_params(typo)
+
+
+def test_flat_keys_are_what_dvc_exp_run_S_takes():
+    flat = Params().flat()
+    assert flat["simulate.two_theta_max"] == 90.0
+    assert flat["seed"] == 42
+    n_leaves = sum(len(dataclasses.fields(getattr(Params(), f.name))) if dataclasses.is_dataclass(getattr(Params(), f.name)) else 1
+                   for f in dataclasses.fields(Params))
+    assert len(flat) == n_leaves
