@@ -21,7 +21,10 @@ def test_shipped_params_are_the_documented_defaults():
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        ({"simulate": {"two_theta_mx": 80}}, "simulate.two_theta_mx: unknown key (did you mean simulate.two_theta_max?)"),
+        (
+            {"simulate": {"two_theta_mx": 80}},
+            "simulate.two_theta_mx: unknown key (did you mean simulate.two_theta_max?)",
+        ),
         ({"simulat": {}}, "simulat: unknown key (did you mean simulate?)"),
         ({"simulate": {"wavelength": -1.5}}, "simulate.wavelength: must be > 0"),
         ({"simulate": {"two_theta_min": 90, "two_theta_max": 10}}, "two_theta_min < two_theta_max"),
@@ -29,7 +32,10 @@ def test_shipped_params_are_the_documented_defaults():
         ({"seed": "42"}, "seed: expected an integer"),
         ({"train": {"epochs": 2.5}}, "train.epochs: expected an integer"),
         ({"simulate": {"kalpha2": "yes"}}, "simulate.kalpha2: expected true/false"),
-        ({"labels": {"mode": "spacegroup"}}, "labels.mode: 'spacegroup' is not one of crystal_system, space_group"),
+        (
+            {"labels": {"mode": "spacegroup"}},
+            "labels.mode: 'spacegroup' is not one of crystal_system, space_group",
+        ),
         ({"model": {"dense": []}}, "model.dense: need 1-3 positive layer widths"),
         ({"augment": {"fwhm_range": [0.2, 0.1]}}, "augment.fwhm_range"),
         ({"model": {"trainable_conv": 14}}, "model.trainable_conv: must be in [0, 13]"),
@@ -59,7 +65,9 @@ def test_load_params_errors_name_the_file(tmp_path):
         load_params(broken)
     typo = tmp_path / "typo.yaml"
     typo.write_text("train:\n  epoch: 3\n")
-    with pytest.raises(ConfigError, match=r"typo.yaml: params: train.epoch: unknown key \(did you mean train.epochs\?\)"):
+    with pytest.raises(
+        ConfigError, match=r"typo.yaml: params: train.epoch: unknown key \(did you mean train.epochs\?\)"
+    ):
         load_params(typo)
 
 
@@ -67,6 +75,10 @@ def test_flat_keys_are_what_dvc_exp_run_S_takes():
     flat = Params().flat()
     assert flat["simulate.two_theta_max"] == 90.0
     assert flat["seed"] == 42
-    n_leaves = sum(len(dataclasses.fields(getattr(Params(), f.name))) if dataclasses.is_dataclass(getattr(Params(), f.name)) else 1
-                   for f in dataclasses.fields(Params))
+    n_leaves = sum(
+        len(dataclasses.fields(getattr(Params(), f.name)))
+        if dataclasses.is_dataclass(getattr(Params(), f.name))
+        else 1
+        for f in dataclasses.fields(Params)
+    )
     assert len(flat) == n_leaves

@@ -18,14 +18,20 @@ from xrdvision.errors import XrdVisionError
 
 @pytest.mark.parametrize(
     ("trainable_conv", "cut", "shape"),
-    [(0, "block5_pool", (7, 7, 512)), (3, "block4_pool", (14, 14, 512)), (6, "block3_pool", (28, 28, 256)),
-     (1, "block5_conv2", (14, 14, 512))],
+    [
+        (0, "block5_pool", (7, 7, 512)),
+        (3, "block4_pool", (14, 14, 512)),
+        (6, "block3_pool", (28, 28, 256)),
+        (1, "block5_conv2", (14, 14, 512)),
+    ],
 )
 def test_cut_point_follows_trainable_conv(trainable_conv, cut, shape):
     net = xm.build_model(7, ModelParams(trainable_conv=trainable_conv, dense=[8]), weights=None)
     assert net.cut_layer == cut
     assert tuple(net.front.output.shape[1:]) == shape
-    n_trainable_conv = sum(1 for w in net.tail.trainable_weights if w.path.split("/")[0].startswith("block")) // 2
+    n_trainable_conv = (
+        sum(1 for w in net.tail.trainable_weights if w.path.split("/")[0].startswith("block")) // 2
+    )
     assert n_trainable_conv == trainable_conv
     assert not net.front.trainable_weights  # the cached part is frozen
     assert net.tail.output.shape[-1] == 7
@@ -69,8 +75,9 @@ def test_resolve_weights_order(tmp_path, monkeypatch):
     monkeypatch.delenv(xm.WEIGHTS_ENV, raising=False)
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
     # ../shared beside the checkout is found when nothing explicit is set
-    assert xm.resolve_weights("", allow_download=False) == WEIGHTS.resolve() or \
-        xm.resolve_weights("", allow_download=False).samefile(WEIGHTS)
+    assert xm.resolve_weights("", allow_download=False) == WEIGHTS.resolve() or xm.resolve_weights(
+        "", allow_download=False
+    ).samefile(WEIGHTS)
     # an explicit param wins
     own = tmp_path / "own.h5"
     own.write_bytes(b"x")
@@ -84,10 +91,14 @@ def test_resolve_weights_order(tmp_path, monkeypatch):
 
 def test_explicit_missing_weights_is_a_one_line_error(tmp_path, monkeypatch):
     monkeypatch.setenv(xm.WEIGHTS_ENV, str(tmp_path / "missing.h5"))
-    with pytest.raises(XrdVisionError, match=r"missing.h5: VGG16 weights file not found \(set by XRDVISION_VGG16_WEIGHTS\)"):
+    with pytest.raises(
+        XrdVisionError, match=r"missing.h5: VGG16 weights file not found \(set by XRDVISION_VGG16_WEIGHTS\)"
+    ):
         xm.resolve_weights("")
     monkeypatch.delenv(xm.WEIGHTS_ENV)
-    with pytest.raises(XrdVisionError, match=r"nowhere.h5: VGG16 weights file not found \(set by model.weights\)"):
+    with pytest.raises(
+        XrdVisionError, match=r"nowhere.h5: VGG16 weights file not found \(set by model.weights\)"
+    ):
         xm.resolve_weights(str(tmp_path / "nowhere.h5"))
 
 
@@ -126,7 +137,9 @@ def test_nothing_found_and_no_network_explains_where_it_looked(tmp_path, monkeyp
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "kh"))
     monkeypatch.setattr(xm, "_repo_root", lambda: tmp_path / "repo")
     monkeypatch.setattr(xm, "KERAS_WEIGHTS_URL", "http://127.0.0.1:9/vgg16.h5")
-    monkeypatch.setattr(xm.download_weights, "__defaults__", ("http://127.0.0.1:9/vgg16.h5", xm.KERAS_WEIGHTS_MD5, None))
+    monkeypatch.setattr(
+        xm.download_weights, "__defaults__", ("http://127.0.0.1:9/vgg16.h5", xm.KERAS_WEIGHTS_MD5, None)
+    )
     with pytest.raises(XrdVisionError) as err:
         xm.resolve_weights("")
     msg = str(err.value)

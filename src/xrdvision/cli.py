@@ -43,7 +43,8 @@ def cmd_simulate(p: Params, a: argparse.Namespace) -> None:
     s = run_simulate(p, Path(a.cifs), Path(a.out))
     per = ", ".join(f"{k} {v}" for k, v in s.get("per_system", {}).items())
     print(
-        f"simulate: {s['n_ok']} patterns ({per}), {s['n_failed']} failed ({_fmt_reasons(s.get('reasons', {}))}) "
+        f"simulate: {s['n_ok']} patterns ({per}), {s['n_failed']} failed "
+        f"({_fmt_reasons(s.get('reasons', {}))}) "
         f"in {s.get('seconds', 0):.0f} s; manifest: {Path(a.out) / 'manifest.csv'}"
     )
 
@@ -85,7 +86,13 @@ def cmd_evaluate(p: Params, a: argparse.Namespace) -> None:
     from xrdvision.evaluate import run_evaluate
 
     m = run_evaluate(
-        p, Path(a.models), Path(a.split), Path(a.images), Path(a.metrics), Path(a.plots), Path(a.reports),
+        p,
+        Path(a.models),
+        Path(a.split),
+        Path(a.images),
+        Path(a.metrics),
+        Path(a.plots),
+        Path(a.reports),
         Path(a.train_metrics),
     )
     print(
@@ -98,7 +105,8 @@ def cmd_evaluate(p: Params, a: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xrdvision",
-        description="Crystal-system / space-group classification of powder XRD patterns (VGG16, DVC, MLflow).",
+        description="Crystal-system / space-group classification of powder XRD patterns "
+        "(VGG16, DVC, MLflow).",
     )
     parser.add_argument("--params", default="params.yaml", help="settings file (default: params.yaml)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -106,25 +114,70 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, func: Callable, help: str, **paths: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
         for key, default in paths.items():
-            sp.add_argument(f"--{key.replace('_', '-')}", dest=key, default=default, help=f"(default: {default})")
+            sp.add_argument(
+                f"--{key.replace('_', '-')}", dest=key, default=default, help=f"(default: {default})"
+            )
         sp.set_defaults(func=func)
         return sp
 
-    add("ingest", cmd_ingest, "Gather CIFs (embedded sample, a folder, or the COD server) into one folder.",
-        out="data/cifs", report="data/reports/ingest.csv")
-    add("simulate", cmd_simulate, "Labels (pymatgen) and simulated Cu K-alpha patterns (xrayutilities).",
-        cifs="data/cifs", out="data/patterns")
-    add("render", cmd_render, "Augment the patterns and render them as 224x224 PNG images.",
-        patterns="data/patterns", out="data/images")
-    add("split", cmd_split, "Grouped, stratified train/validation/test split.",
-        manifest="data/patterns/manifest.csv", images="data/images/index.csv", out="data/split")
-    add("features", cmd_features, "Cache the frozen VGG16 layers' output for every split image.",
-        split="data/split", images="data/images", out="data/features")
-    add("train", cmd_train, "Fine-tune the VGG16 tail; log to MLflow; register the model as challenger.",
-        features="data/features", models="models", metrics="metrics/train.json", history="plots/training.csv")
-    add("evaluate", cmd_evaluate, "Test-split accuracy (95% CI), loss, top-3, macro F1, confusion matrix.",
-        models="models", split="data/split", images="data/images", metrics="metrics/metrics.json",
-        plots="plots", reports="reports", train_metrics="metrics/train.json")
+    add(
+        "ingest",
+        cmd_ingest,
+        "Gather CIFs (embedded sample, a folder, or the COD server) into one folder.",
+        out="data/cifs",
+        report="data/reports/ingest.csv",
+    )
+    add(
+        "simulate",
+        cmd_simulate,
+        "Labels (pymatgen) and simulated Cu K-alpha patterns (xrayutilities).",
+        cifs="data/cifs",
+        out="data/patterns",
+    )
+    add(
+        "render",
+        cmd_render,
+        "Augment the patterns and render them as 224x224 PNG images.",
+        patterns="data/patterns",
+        out="data/images",
+    )
+    add(
+        "split",
+        cmd_split,
+        "Grouped, stratified train/validation/test split.",
+        manifest="data/patterns/manifest.csv",
+        images="data/images/index.csv",
+        out="data/split",
+    )
+    add(
+        "features",
+        cmd_features,
+        "Cache the frozen VGG16 layers' output for every split image.",
+        split="data/split",
+        images="data/images",
+        out="data/features",
+    )
+    add(
+        "train",
+        cmd_train,
+        "Fine-tune the VGG16 tail; log to MLflow; register the model as challenger.",
+        features="data/features",
+        models="models",
+        metrics="metrics/train.json",
+        history="plots/training.csv",
+    )
+    add(
+        "evaluate",
+        cmd_evaluate,
+        "Test-split accuracy (95% CI), loss, top-3, macro F1, confusion matrix.",
+        models="models",
+        split="data/split",
+        images="data/images",
+        metrics="metrics/metrics.json",
+        plots="plots",
+        reports="reports",
+        train_metrics="metrics/train.json",
+    )
     return parser
 
 

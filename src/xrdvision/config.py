@@ -119,9 +119,7 @@ class AugmentParams:
     def validate(self) -> None:
         _check(self.copies >= 0, "augment.copies", "must be >= 0")
         _check(self.intensity_jitter >= 0, "augment.intensity_jitter", "must be >= 0")
-        _check(
-            len(self.steps) > 0 and all(s > 0 for s in self.steps), "augment.steps", "need positive steps"
-        )
+        _check(len(self.steps) > 0 and all(s > 0 for s in self.steps), "augment.steps", "need positive steps")
         _check(self.zero_shift >= 0, "augment.zero_shift", "must be >= 0")
         _check(0 <= self.strain < 0.1, "augment.strain", "must be in [0, 0.1)")
         _check(

@@ -25,7 +25,9 @@ from xrdvision.labels import class_names
 from xrdvision.train import encode_labels
 
 
-def bootstrap_ci(correct: np.ndarray, seed: int, n_boot: int = 2000, level: float = 0.95) -> tuple[float, float]:
+def bootstrap_ci(
+    correct: np.ndarray, seed: int, n_boot: int = 2000, level: float = 0.95
+) -> tuple[float, float]:
     """Percentile bootstrap interval for the mean of 0/1 outcomes (resampling test structures)."""
     if len(correct) == 0:
         return (float("nan"), float("nan"))
@@ -36,9 +38,7 @@ def bootstrap_ci(correct: np.ndarray, seed: int, n_boot: int = 2000, level: floa
     return float(lo), float(hi)
 
 
-def classification_metrics(
-    probs: np.ndarray, y: np.ndarray, classes: list[str], seed: int
-) -> dict[str, Any]:
+def classification_metrics(probs: np.ndarray, y: np.ndarray, classes: list[str], seed: int) -> dict[str, Any]:
     """Accuracy (+ CI), loss, top-3/top-5 accuracy and macro F1 from predicted probabilities."""
     from sklearn.metrics import f1_score
 
@@ -100,8 +100,15 @@ def plot_confusion(matrix: np.ndarray, names: list[str], path: Path, title: str)
     for i in range(k):
         for j in range(k):
             if matrix[i, j]:
-                ax.text(j, i, str(matrix[i, j]), ha="center", va="center",
-                        color="white" if matrix[i, j] > vmax / 2 else "black", fontsize=8)
+                ax.text(
+                    j,
+                    i,
+                    str(matrix[i, j]),
+                    ha="center",
+                    va="center",
+                    color="white" if matrix[i, j] > vmax / 2 else "black",
+                    fontsize=8,
+                )
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp)
@@ -142,7 +149,9 @@ def run_evaluate(
     metrics = classification_metrics(probs, y, classes, params.seed)
     if train_metrics_path is not None and Path(train_metrics_path).is_file():
         tm = json.loads(Path(train_metrics_path).read_text())
-        metrics.update({k: tm[k] for k in ("train_accuracy", "train_loss", "val_accuracy", "val_loss") if k in tm})
+        metrics.update(
+            {k: tm[k] for k in ("train_accuracy", "train_loss", "val_accuracy", "val_loss") if k in tm}
+        )
 
     pred = probs.argmax(axis=1)
     present = sorted(set(y.tolist()) | set(pred.tolist()))
@@ -159,17 +168,30 @@ def run_evaluate(
         w.writerow(["true\\predicted", *names])
         for name, row in zip(names, matrix, strict=True):
             w.writerow([name, *row.tolist()])
-    plot_confusion(matrix, names, plots_dir / "confusion_matrix.png",
-                   f"{mode.replace('_', ' ')}: test accuracy {metrics['accuracy']:.1%} (n={len(y)})")
+    plot_confusion(
+        matrix,
+        names,
+        plots_dir / "confusion_matrix.png",
+        f"{mode.replace('_', ' ')}: test accuracy {metrics['accuracy']:.1%} (n={len(y)})",
+    )
     report_kwargs = {"labels": present, "target_names": names, "zero_division": 0}
     write_text(reports_dir / "classification_report.txt", classification_report(y, pred, **report_kwargs))
-    write_json(reports_dir / "classification_report.json",
-               classification_report(y, pred, output_dict=True, **report_kwargs))
+    write_json(
+        reports_dir / "classification_report.json",
+        classification_report(y, pred, output_dict=True, **report_kwargs),
+    )
     write_json(metrics_path, metrics)
-    _log_to_mlflow(run_info, metrics, [plots_dir / "confusion.csv", plots_dir / "confusion_matrix.png",
-                                       reports_dir / "confusion_matrix.csv",
-                                       reports_dir / "classification_report.txt",
-                                       reports_dir / "classification_report.json"])
+    _log_to_mlflow(
+        run_info,
+        metrics,
+        [
+            plots_dir / "confusion.csv",
+            plots_dir / "confusion_matrix.png",
+            reports_dir / "confusion_matrix.csv",
+            reports_dir / "classification_report.txt",
+            reports_dir / "classification_report.json",
+        ],
+    )
     return metrics
 
 
@@ -179,8 +201,9 @@ def _log_to_mlflow(run_info: dict[str, Any], metrics: dict[str, Any], artifacts:
 
     client = mlflow.MlflowClient()
     for k, v in metrics.items():
-        if isinstance(v, (int, float)) and np.isfinite(v):
-            client.log_metric(run_info["run_id"], f"test_{k}" if not k.startswith(("train_", "val_")) else k, float(v))
+        # train_/val_ figures were logged by the train stage (as final_*); only test figures are new.
+        if not k.startswith(("train_", "val_")) and isinstance(v, (int, float)) and np.isfinite(v):
+            client.log_metric(run_info["run_id"], f"test_{k}", float(v))
     for path in artifacts:
         client.log_artifact(run_info["run_id"], str(path), "evaluation")
     name, version = run_info["registered_model"], run_info["version"]

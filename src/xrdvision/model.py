@@ -28,9 +28,7 @@ from xrdvision.errors import XrdVisionError
 WEIGHTS_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
 WEIGHTS_ENV = "XRDVISION_VGG16_WEIGHTS"
 # Keras' own source for the file, and the md5 Keras checks it against.
-KERAS_WEIGHTS_URL = (
-    "https://storage.googleapis.com/tensorflow/keras-applications/vgg16/" + WEIGHTS_FILE
-)
+KERAS_WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/vgg16/" + WEIGHTS_FILE
 KERAS_WEIGHTS_MD5 = "6d6bbae143d832006294945121d1f1fc"
 N_CONV = 13
 IMAGE_SIZE = 224
@@ -54,7 +52,12 @@ def weight_candidates(explicit: str = "") -> list[tuple[str, Path]]:
         out.append((f"${WEIGHTS_ENV}", Path(env)))
     if explicit:
         out.append(("params model.weights", Path(explicit)))
-    out.append(("../shared beside the checkout", _repo_root().parent / "shared" / "weights" / "models" / WEIGHTS_FILE))
+    out.append(
+        (
+            "../shared beside the checkout",
+            _repo_root().parent / "shared" / "weights" / "models" / WEIGHTS_FILE,
+        )
+    )
     out.append(("Keras cache", _keras_cache_dir() / "models" / WEIGHTS_FILE))
     return out
 

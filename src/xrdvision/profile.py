@@ -17,7 +17,7 @@ _CUTOFF_FWHM = 30.0
 
 def grid(two_theta_min: float, two_theta_max: float, step: float) -> np.ndarray:
     """The 2-theta grid ``[min, max]`` with ``step`` (both ends included, float32)."""
-    n = int(round((two_theta_max - two_theta_min) / step)) + 1
+    n = round((two_theta_max - two_theta_min) / step) + 1
     return (two_theta_min + step * np.arange(n)).astype(np.float32)
 
 

@@ -53,6 +53,27 @@ def setup(p: MlflowParams, *, check: bool = True) -> str:
     return uri
 
 
+def use_experiment(p: MlflowParams) -> str:
+    """Select (creating if needed) the experiment; returns its id.
+
+    With a local sqlite store, artifacts go to ``artifacts/`` beside the database (an absolute URI),
+    so runs and their files stay together whatever folder a command is started from.
+    """
+    import mlflow
+
+    exp = mlflow.get_experiment_by_name(p.experiment)
+    if exp is not None:
+        mlflow.set_experiment(experiment_id=exp.experiment_id)
+        return exp.experiment_id
+    uri = tracking_uri(p)
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri.removeprefix("sqlite:///")).resolve().parent / "artifacts").as_uri()
+    exp_id = mlflow.create_experiment(p.experiment, artifact_location=location)
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
 def registered_model_name(p: MlflowParams, mode: str) -> str:
     """One registered model per label mode: crystal-system and space-group models never mix."""
     return f"{p.registered_model_prefix}-{mode.replace('_', '-')}"

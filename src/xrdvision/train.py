@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,9 @@ def encode_labels(values: np.ndarray, classes: list[str], where: str) -> np.ndar
     return np.array([index[str(v)] for v in values], dtype=np.int64)
 
 
-def check_class_coverage(train_y: np.ndarray, other: dict[str, np.ndarray], classes: list[str], mode: str) -> list[str]:
+def check_class_coverage(
+    train_y: np.ndarray, other: dict[str, np.ndarray], classes: list[str], mode: str
+) -> list[str]:
     """Classes that appear in validation/test but never in training cannot be learned.
 
     For crystal systems (7 classes, all common) that means the data or split is wrong: an error. For
@@ -80,7 +83,10 @@ def _mlflow_epoch_callback():
 def _backup_dir(params: Params, features_dir: Path) -> Path:
     """Resume folder keyed by what the run depends on, so a changed run never resumes a stale one."""
     key = json.dumps(
-        {"model": params.flat(), "features": sorted(str(p.stat().st_mtime_ns) for p in Path(features_dir).glob("*.npz"))},
+        {
+            "model": params.flat(),
+            "features": sorted(str(p.stat().st_mtime_ns) for p in Path(features_dir).glob("*.npz")),
+        },
         sort_keys=True,
         default=str,
     )
@@ -152,7 +158,12 @@ def fit_tail(
     seconds = time.perf_counter() - t0
     hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
     best_epoch = int(np.argmin(hist["val_loss"])) if hist.get("val_loss") else len(hist.get("loss", [])) - 1
-    info = {"seconds": seconds, "epochs_run": len(hist.get("loss", [])), "best_epoch": best_epoch, "warnings": warnings}
+    info = {
+        "seconds": seconds,
+        "epochs_run": len(hist.get("loss", [])),
+        "best_epoch": best_epoch,
+        "warnings": warnings,
+    }
     return net, hist, info
 
 
@@ -191,7 +202,7 @@ def run_train(
     train = load_features(features_dir / "train.npz")
     val = load_features(features_dir / "val.npz")
     mode = params.labels.mode
-    mlflow.set_experiment(params.mlflow.experiment)
+    tracking.use_experiment(params.mlflow)
     with mlflow.start_run(run_name=f"train-{mode}") as run:
         mlflow.log_params(params.flat())
         data = tracking.data_hashes(["data/images", "data/split", "data/features"])
@@ -255,17 +266,24 @@ def log_and_register(full_model, params: Params, classes: list[str], classes_fil
     example = np.zeros((1, 224, 224, 3), dtype=np.float32)
     example[0, 200:, :, :] = 255.0  # a flat white baseline, as a rendered empty pattern looks
     signature = infer_signature(example, np.asarray(full_model.predict(example, verbose=0)))
-    info = mlflow.keras.log_model(
-        full_model,
-        name="model",
-        signature=signature,
-        input_example=example,
-        registered_model_name=name,
-        metadata={"classes": classes, "label_mode": params.labels.mode},
-    )
+    # mlflow.keras.log_model (MLflow 3.17) writes the input example before it creates the model
+    # folder and fails; save_model into a folder we create, then log and register that folder.
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "model"
+        local.mkdir()
+        mlflow.keras.save_model(
+            full_model,
+            str(local),
+            signature=signature,
+            input_example=example,
+            metadata={"classes": classes, "label_mode": params.labels.mode},
+        )
+        mlflow.log_artifacts(str(local), "model")
+    run_id = mlflow.active_run().info.run_id
+    mv = mlflow.register_model(f"runs:/{run_id}/model", name)
     mlflow.log_artifact(str(classes_file))
     client = mlflow.MlflowClient()
-    version = str(info.registered_model_version)
+    version = str(mv.version)
     client.set_registered_model_alias(name, "challenger", version)
     client.set_model_version_tag(name, version, "label_mode", params.labels.mode)
     client.set_model_version_tag(name, version, "classes", json.dumps(classes))

@@ -1,0 +1,181 @@
+"""train + evaluate with real Keras, the real VGG16 weights and a real MLflow sqlite store in a temp dir.
+
+The images are small synthetic "patterns" (a white peak whose position depends on the class), so the
+test is quick and the task learnable; the full pipeline on real CIFs runs in test_pipeline_dvc.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from xrdvision.config import parse_params
+from xrdvision.errors import XrdVisionError
+
+CLASSES = ("cubic", "hexagonal", "monoclinic")
+SG = {"cubic": "225", "hexagonal": "194", "monoclinic": "14"}
+
+
+def _image(cls_index: int, jitter: int) -> np.ndarray:
+    img = np.zeros((224, 224, 3), np.uint8)
+    x = 30 + 70 * cls_index + jitter
+    img[40:, x : x + 3] = 255  # a peak
+    img[215:217, :] = 255  # the baseline
+    return img
+
+
+def _make_split_data(root: Path) -> None:
+    rows = {"train": [], "val": [], "test": []}
+    n = {"train": 6, "val": 2, "test": 3}
+    images = root / "data" / "images"
+    images.mkdir(parents=True)
+    k = 0
+    for split, count in n.items():
+        for ci, cls in enumerate(CLASSES):
+            for j in range(count):
+                name = f"{k}_0.png"
+                Image.fromarray(_image(ci, (j * 5) % 20)).save(images / name)
+                rows[split].append(
+                    {
+                        "image": name,
+                        "cod_id": str(k),
+                        "group": str(k),
+                        "copy": 0,
+                        "crystal_system": cls,
+                        "space_group": SG[cls],
+                    }
+                )
+                k += 1
+    split_dir = root / "data" / "split"
+    split_dir.mkdir(parents=True)
+    for split, rs in rows.items():
+        with open(split_dir / f"{split}.csv", "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rs[0]))
+            w.writeheader()
+            w.writerows(rs)
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    _make_split_data(tmp_path)
+    return tmp_path
+
+
+def _params(root: Path, **over):
+    data = {
+        "mlflow": {"tracking_uri": f"sqlite:///{root}/mlruns/mlflow.db", "experiment": "test"},
+        "model": {"trainable_conv": 0, "dense": [32], "dropout": 0.0},
+        "train": {"epochs": 12, "batch_size": 6, "learning_rate": 0.003, "patience": 4},
+    }
+    for k, v in over.items():
+        data.setdefault(k, {}).update(v)
+    return parse_params(data)
+
+
+def test_features_train_evaluate_track_and_register(workdir):
+    import mlflow
+
+    from xrdvision.evaluate import run_evaluate
+    from xrdvision.features import load_features, run_features
+    from xrdvision.train import run_train
+
+    p = _params(workdir)
+    s = run_features(p, Path("data/split"), Path("data/images"), Path("data/features"))
+    assert s["cut_layer"] == "block5_pool" and s["splits"]["train"]["n_images"] == 18
+    tr = load_features(Path("data/features/train.npz"))
+    assert tr["features"].shape == (18, 7, 7, 512) and tr["features"].max() > 1
+    assert list(tr["crystal_system"][:6]) == ["cubic"] * 6
+
+    out = run_train(
+        p, Path("data/features"), Path("models"), Path("metrics/train.json"), Path("plots/training.csv")
+    )
+    assert out["train_accuracy"] >= 0.9, out
+    hist = list(csv.DictReader(Path("plots/training.csv").read_text().splitlines()))
+    assert len(hist) == out["epochs_run"] and {"loss", "val_loss", "accuracy", "val_accuracy"} <= set(hist[0])
+    assert float(hist[-1]["loss"]) < float(hist[0]["loss"])
+
+    m = run_evaluate(
+        p,
+        Path("models"),
+        Path("data/split"),
+        Path("data/images"),
+        Path("metrics/metrics.json"),
+        Path("plots"),
+        Path("reports"),
+        Path("metrics/train.json"),
+    )
+    assert m["n_test"] == 9 and m["accuracy"] >= 2 / 3
+    assert m["accuracy_ci95_low"] <= m["accuracy"] <= m["accuracy_ci95_high"]
+    assert json.loads(Path("metrics/metrics.json").read_text())["accuracy"] == m["accuracy"]
+    conf = list(csv.DictReader(Path("plots/confusion.csv").read_text().splitlines()))
+    assert len(conf) == 9 and {r["actual"] for r in conf} == set(CLASSES)
+    report = json.loads(Path("reports/classification_report.json").read_text())
+    assert set(CLASSES) <= set(report)
+    assert Image.open("plots/confusion_matrix.png").size[0] > 100
+
+    # Read everything back from the real MLflow store.
+    mlflow.set_tracking_uri(p.mlflow.tracking_uri)
+    client = mlflow.MlflowClient()
+    run = client.get_run(out["run_id"])
+    assert run.data.params["train.learning_rate"] == "0.003"
+    assert run.data.params["labels.mode"] == "crystal_system"
+    assert "git_commit" in run.data.tags and run.data.tags["cut_layer"] == "block5_pool"
+    val_hist = client.get_metric_history(out["run_id"], "val_loss")
+    assert len(val_hist) == out["epochs_run"] and [h.step for h in val_hist] == list(range(out["epochs_run"]))
+    assert run.data.metrics["test_accuracy"] == pytest.approx(m["accuracy"])
+    arts = {a.path for a in client.list_artifacts(out["run_id"], "evaluation")}
+    assert "evaluation/confusion_matrix.png" in arts and "evaluation/classification_report.json" in arts
+    mv = client.get_model_version_by_alias("xrdvision-crystal-system", "challenger")
+    assert str(mv.version) == out["version"] and mv.run_id == out["run_id"]
+    assert float(mv.tags["test_accuracy"]) == pytest.approx(m["accuracy"], abs=1e-6)
+    # The registered model predicts like the saved one.
+    loaded = mlflow.keras.load_model("models:/xrdvision-crystal-system@challenger")
+    x = np.stack([_image(0, 3), _image(2, 3)]).astype(np.float32)
+    from xrdvision.model import load_full_model
+
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0),
+        load_full_model("models/model.keras").predict(x, verbose=0),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+def test_unreachable_mlflow_server_fails_before_training(workdir):
+    from xrdvision.train import run_train
+
+    p = _params(workdir, mlflow={"tracking_uri": "http://127.0.0.1:9"})
+    with pytest.raises(XrdVisionError, match=r"http://127.0.0.1:9: MLflow tracking store not reachable"):
+        run_train(
+            p, Path("data/features"), Path("models"), Path("metrics/train.json"), Path("plots/training.csv")
+        )
+    assert not Path("models").exists() and not Path("metrics").exists()
+
+
+def test_class_missing_from_training_is_an_error(workdir):
+    from xrdvision.train import check_class_coverage
+
+    classes = ["a", "b", "c"]
+    with pytest.raises(XrdVisionError, match=r"val split has classes with no training images: c"):
+        check_class_coverage(np.array([0, 1]), {"val": np.array([2])}, classes, "crystal_system")
+    assert check_class_coverage(np.array([0, 1]), {"val": np.array([2])}, classes, "space_group")
+
+
+def test_corrupt_png_is_reported_and_skipped(workdir, capsys):
+    from xrdvision.features import compute_features
+    from xrdvision.model import build_model
+
+    Path("data/images/bad.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    net = build_model(3, _params(workdir).model, weights=None)
+    feats, kept, problems = compute_features(
+        net.front, [Path("data/images/0_0.png"), Path("data/images/bad.png")]
+    )
+    assert kept == [0] and feats.shape[0] == 1
+    assert len(problems) == 1 and problems[0].startswith("data/images/bad.png: corrupt image")
