@@ -60,8 +60,10 @@ def cmd_split(p: Params, a: argparse.Namespace) -> None:
     from xrdvision.split import run_split
 
     s = run_split(p, Path(a.manifest), Path(a.images), Path(a.out))
-    counts = s.get("counts", s)
-    print(f"split: {counts} -> {a.out}")
+    parts = ", ".join(
+        f"{k} {s['structures'][k]} structures / {s['images'][k]} images" for k in ("train", "val", "test")
+    )
+    print(f"split: {parts}; {s['n_groups']} compound groups -> {a.out}")
 
 
 def cmd_features(p: Params, a: argparse.Namespace) -> None:

@@ -183,7 +183,7 @@ class ModelParams:
 class TrainParams:
     """Fitting: the seed recipe by default."""
 
-    epochs: int = 50
+    epochs: int = 15
     batch_size: int = 32
     learning_rate: float = 1e-4
     patience: int = 5
