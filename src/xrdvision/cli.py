@@ -38,15 +38,10 @@ def cmd_ingest(p: Params, a: argparse.Namespace) -> None:
 
 
 def cmd_simulate(p: Params, a: argparse.Namespace) -> None:
-    from xrdvision.simulate import run_simulate
+    from xrdvision.simulate import run_simulate, summary_line
 
     s = run_simulate(p, Path(a.cifs), Path(a.out))
-    per = ", ".join(f"{k} {v}" for k, v in s.get("per_system", {}).items())
-    print(
-        f"simulate: {s['n_ok']} patterns ({per}), {s['n_failed']} failed "
-        f"({_fmt_reasons(s.get('reasons', {}))}) "
-        f"in {s.get('seconds', 0):.0f} s; manifest: {Path(a.out) / 'manifest.csv'}"
-    )
+    print(f"{summary_line(s)}; manifest: {Path(a.out) / 'manifest.csv'}")
 
 
 def cmd_render(p: Params, a: argparse.Namespace) -> None:
