@@ -103,12 +103,17 @@ def main() -> None:
         "runs": [bench(a.n, k, a.epochs, a.batch_size) for k in a.trainable_conv],
     }
     print(f"bench_train on {results['machine']}, {a.n} images, batch {a.batch_size}")
-    print(f"{'trainable':>9} {'cut':>12} {'cache s':>8} {'cached/ep':>10} {'plain/ep':>9} {'ratio':>6} "
-          f"{'20-ep ratio':>11} {'infer img/s':>11}")
+    print(
+        f"{'trainable':>9} {'cut':>12} {'cache s':>8} {'cached/ep':>10} {'plain/ep':>9} {'ratio':>6} "
+        f"{'20-ep ratio':>11} {'infer img/s':>11}"
+    )
     for r in results["runs"]:
-        print(f"{r['trainable_conv']:>9} {r['cut_layer']:>12} {r['cache_seconds']:>8.1f} "
-              f"{r['cached_epoch_seconds']:>10.2f} {r['plain_epoch_seconds']:>9.2f} {r['speedup_per_epoch']:>5.1f}x "
-              f"{r['speedup_over_20_epochs']:>10.1f}x {r['inference_images_per_s']:>11.1f}")
+        print(
+            f"{r['trainable_conv']:>9} {r['cut_layer']:>12} {r['cache_seconds']:>8.1f} "
+            f"{r['cached_epoch_seconds']:>10.2f} {r['plain_epoch_seconds']:>9.2f} "
+            f"{r['speedup_per_epoch']:>5.1f}x "
+            f"{r['speedup_over_20_epochs']:>10.1f}x {r['inference_images_per_s']:>11.1f}"
+        )
     out = Path(__file__).parent / "results" / "bench_train.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")

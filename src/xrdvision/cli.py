@@ -99,6 +99,29 @@ def cmd_evaluate(p: Params, a: argparse.Namespace) -> None:
     )
 
 
+def cmd_tune(p: Params, a: argparse.Namespace) -> None:
+    from xrdvision.tune import apply_best_params, format_summary, run_tune
+
+    if a.apply:
+        changed = apply_best_params(Path(a.out), Path(a.params))
+        print(f"tune: wrote {', '.join(f'{k}={v}' for k, v in changed.items())} into {a.params}")
+        return
+    r = run_tune(p, Path(a.features), Path(a.out), n_trials=a.trials, image_dir=Path(a.images))
+    print(format_summary(r))
+
+
+def cmd_promote(p: Params, a: argparse.Namespace) -> None:
+    from xrdvision.registry import promote
+
+    print(promote(p, force=a.force, split_dir=Path(a.split), image_dir=Path(a.images))["line"])
+
+
+def cmd_models(p: Params, a: argparse.Namespace) -> None:
+    from xrdvision.registry import format_models_table, list_models
+
+    print(format_models_table(list_models(p)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xrdvision",
@@ -175,6 +198,30 @@ def build_parser() -> argparse.ArgumentParser:
         reports="reports",
         train_metrics="metrics/train.json",
     )
+    tune = add(
+        "tune",
+        cmd_tune,
+        "Optuna study over lr, dense widths, dropout and unfrozen depth (resumable).",
+        features="data/features",
+        images="data/images",
+        out="tune/best_params.yaml",
+    )
+    tune.add_argument(
+        "--trials",
+        type=int,
+        default=None,
+        help="run N more trials (default: top the study up to tune.trials)",
+    )
+    tune.add_argument("--apply", action="store_true", help="write the best params into params.yaml and stop")
+    prom = add(
+        "promote",
+        cmd_promote,
+        "Evaluate challenger and champion on the same test split; move 'champion' if the challenger wins.",
+        split="data/split",
+        images="data/images",
+    )
+    prom.add_argument("--force", action="store_true", help="make the challenger champion regardless")
+    add("models", cmd_models, "List registered model versions with aliases and test metrics.")
     return parser
 
 

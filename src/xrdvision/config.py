@@ -214,7 +214,7 @@ class TuneParams:
     study_name: str = "xrdvision"
     epochs: int = 10
     lr_range: list[float] = field(default_factory=lambda: [1e-5, 1e-2])
-    max_trainable_conv: int = 6  # up to the last two blocks
+    max_trainable_conv: int = 3  # 6 (blocks 4+5) is practical on a GPU only
 
     def validate(self) -> None:
         _check(self.trials >= 1, "tune.trials", "must be >= 1")
