@@ -109,9 +109,27 @@ def test_data_stages_repro_and_rerun_only_what_changed(tmp_path):
     assert '"two_theta_max": 80' in values
 
 
+def _measured_subset(tmp: Path, n: int) -> Path:
+    """The first ``n`` rows of ../shared/experimental (both sources), as a measured folder."""
+    src = ROOT.parent / "shared" / "experimental"
+    rows = list(csv.DictReader((src / "INDEX.csv").open()))
+    picked = [r for r in rows if r["file"].startswith("rruff")][: n // 2]
+    picked += [r for r in rows if r["file"].startswith("rockjock")][: n - len(picked)]
+    dst = tmp / "measured"
+    for r in picked:
+        (dst / r["file"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src / r["file"], dst / r["file"])
+    with open(dst / "INDEX.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(picked)
+    return dst
+
+
 def test_full_repro_trains_evaluates_and_registers(tmp_path):
     import mlflow
 
+    measured = _measured_subset(tmp_path, 6)
     repo, env = make_repo(
         tmp_path,
         per_system=3,
@@ -119,10 +137,19 @@ def test_full_repro_trains_evaluates_and_registers(tmp_path):
             "augment": {"copies": 1},
             "model": {"trainable_conv": 0, "dense": [32]},
             "train": {"epochs": 3, "learning_rate": 0.001},
+            "measured": {"folder": str(measured)},
         },
     )
     out = _run(["dvc", "repro"], repo, env)
-    assert "Running stage 'evaluate'" in out
+    assert "Running stage 'evaluate'" in out and "Running stage 'evaluate_measured'" in out
+    real = json.loads((repo / "metrics/measured.json").read_text())
+    assert real["skipped"] is False and real["n"] == 6 and real["n_failed"] == 0
+    assert set(real["per_source"]) == {"rruff_agi", "rockjock"}
+    preds = list(csv.DictReader((repo / "plots/measured/predictions.csv").open()))
+    assert sorted(p["file"] for p in preds) == sorted(
+        r["file"] for r in csv.DictReader((measured / "INDEX.csv").open())
+    )
+    assert sum(int(p["correct"]) for p in preds) == round(real["accuracy"] * 6)
     metrics = json.loads((repo / "metrics/metrics.json").read_text())
     assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["n_test"] >= 7
     assert metrics["accuracy_ci95_low"] <= metrics["accuracy"] <= metrics["accuracy_ci95_high"]

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_tune import _params, make_split_data
+from helpers_images import make_split_data
+from helpers_images import tune_params as _params
 from xrdvision.errors import XrdVisionError
 
 NAME = "xrdvision-crystal-system"

@@ -14,69 +14,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xrdvision.config import parse_params
+from helpers_images import CLASSES, make_split_data, peak_image, tiny_params
 from xrdvision.errors import XrdVisionError
-
-CLASSES = ("cubic", "hexagonal", "monoclinic")
-SG = {"cubic": "225", "hexagonal": "194", "monoclinic": "14"}
-
-
-def _image(cls_index: int, jitter: int) -> np.ndarray:
-    img = np.zeros((224, 224, 3), np.uint8)
-    x = 30 + 70 * cls_index + jitter
-    img[40:, x : x + 3] = 255  # a peak
-    img[215:217, :] = 255  # the baseline
-    return img
-
-
-def _make_split_data(root: Path) -> None:
-    rows = {"train": [], "val": [], "test": []}
-    n = {"train": 6, "val": 2, "test": 3}
-    images = root / "data" / "images"
-    images.mkdir(parents=True)
-    k = 0
-    for split, count in n.items():
-        for ci, cls in enumerate(CLASSES):
-            for j in range(count):
-                name = f"{k}_0.png"
-                Image.fromarray(_image(ci, (j * 5) % 20)).save(images / name)
-                rows[split].append(
-                    {
-                        "image": name,
-                        "cod_id": str(k),
-                        "group": str(k),
-                        "copy": 0,
-                        "crystal_system": cls,
-                        "space_group": SG[cls],
-                    }
-                )
-                k += 1
-    split_dir = root / "data" / "split"
-    split_dir.mkdir(parents=True)
-    for split, rs in rows.items():
-        with open(split_dir / f"{split}.csv", "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rs[0]))
-            w.writeheader()
-            w.writerows(rs)
 
 
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    _make_split_data(tmp_path)
+    make_split_data(tmp_path)
     return tmp_path
 
 
-def _params(root: Path, **over):
-    data = {
-        "mlflow": {"tracking_uri": f"sqlite:///{root}/mlruns/mlflow.db", "experiment": "test"},
-        "model": {"trainable_conv": 0, "dense": [32], "dropout": 0.0},
-        "train": {"epochs": 12, "batch_size": 6, "learning_rate": 0.003, "patience": 4},
-    }
-    for k, v in over.items():
-        data.setdefault(k, {}).update(v)
-    return parse_params(data)
+_params = tiny_params
 
 
 def test_features_train_evaluate_track_and_register(workdir):
@@ -137,7 +87,7 @@ def test_features_train_evaluate_track_and_register(workdir):
     assert float(mv.tags["test_accuracy"]) == pytest.approx(m["accuracy"], abs=1e-6)
     # The registered model predicts like the saved one.
     loaded = mlflow.keras.load_model("models:/xrdvision-crystal-system@challenger")
-    x = np.stack([_image(0, 3), _image(2, 3)]).astype(np.float32)
+    x = np.stack([peak_image(0, 3), peak_image(2, 3)]).astype(np.float32)
     from xrdvision.model import load_full_model
 
     np.testing.assert_allclose(

@@ -15,70 +15,14 @@ import pytest
 import yaml
 from PIL import Image
 
+from helpers_images import make_split_data, tune_params
 from xrdvision.config import default_params_dict, load_params, parse_params
 from xrdvision.errors import ConfigError, XrdVisionError
 
 ROOT = Path(__file__).resolve().parents[1]
-CLASSES = ("cubic", "hexagonal", "monoclinic")
-SG = {"cubic": "225", "hexagonal": "194", "monoclinic": "14"}
 
 
-def _image(cls_index: int, jitter: int) -> np.ndarray:
-    img = np.zeros((224, 224, 3), np.uint8)
-    x = 30 + 70 * cls_index + jitter
-    img[40:, x : x + 3] = 255  # a peak
-    img[215:217, :] = 255  # the baseline
-    return img
-
-
-def make_split_data(root: Path, n: dict[str, int] | None = None) -> None:
-    """Images + split lists: ``n`` images per class and split."""
-    n = n or {"train": 6, "val": 2, "test": 3}
-    rows: dict[str, list[dict]] = {s: [] for s in n}
-    images = root / "data" / "images"
-    images.mkdir(parents=True)
-    k = 0
-    for split, count in n.items():
-        for ci, cls in enumerate(CLASSES):
-            for j in range(count):
-                name = f"{k}_0.png"
-                Image.fromarray(_image(ci, (j * 5) % 20)).save(images / name)
-                rows[split].append(
-                    {
-                        "image": name,
-                        "cod_id": str(k),
-                        "group": str(k),
-                        "copy": 0,
-                        "crystal_system": cls,
-                        "space_group": SG[cls],
-                    }
-                )
-                k += 1
-    split_dir = root / "data" / "split"
-    split_dir.mkdir(parents=True)
-    for split, rs in rows.items():
-        with open(split_dir / f"{split}.csv", "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rs[0]))
-            w.writeheader()
-            w.writerows(rs)
-
-
-def _params(root: Path, **over):
-    data = {
-        "mlflow": {"tracking_uri": f"sqlite:///{root}/mlruns/mlflow.db", "experiment": "test"},
-        "model": {"trainable_conv": 0, "dense": [64], "dropout": 0.0},
-        "train": {"epochs": 12, "batch_size": 6, "learning_rate": 0.003, "patience": 4},
-        "tune": {
-            "trials": 3,
-            "epochs": 4,
-            "max_trainable_conv": 0,
-            "storage": f"sqlite:///{root}/optuna/optuna.db",
-            "study_name": "tiny",
-        },
-    }
-    for k, v in over.items():
-        data.setdefault(k, {}).update(v)
-    return parse_params(data)
+_params = tune_params
 
 
 @pytest.fixture(scope="module")
@@ -272,7 +216,8 @@ def test_search_space_round_trip_and_validation():
     )
 
     tune = TuneParams()
-    assert conv_choices(tune) == [0, 3, 6]
+    assert conv_choices(tune) == [0, 3]  # the CPU default; blocks 4+5 only when asked
+    assert conv_choices(TuneParams(max_trainable_conv=6)) == [0, 3, 6]
     assert conv_choices(TuneParams(max_trainable_conv=4)) == [0, 3]
     base = recipe_of(parse_params({}))
     assert base == {

@@ -122,6 +122,34 @@ def cmd_models(p: Params, a: argparse.Namespace) -> None:
     print(format_models_table(list_models(p)))
 
 
+def cmd_predict(p: Params, a: argparse.Namespace) -> int:
+    from xrdvision.predict import format_table, predict_files, to_csv, to_json
+
+    preds = predict_files(
+        a.files, p, a.model, top_k=a.top_k, batch_size=a.batch_size, wavelength=a.wavelength
+    )
+    print(to_json(preds) if a.json else to_csv(preds) if a.csv else format_table(preds), end="")
+    failed = [x for x in preds if not x.ok]
+    for x in failed:
+        print(f"xrdvision: error: {x.error}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_evaluate_measured(p: Params, a: argparse.Namespace) -> None:
+    from xrdvision.predict import run_evaluate_measured
+
+    m = run_evaluate_measured(p, a.models, Path(a.metrics), Path(a.out))
+    if m.get("skipped"):
+        print(f"evaluate_measured: skipped: {m['reason']}")
+        return
+    print(
+        f"evaluate_measured: {m['label_mode'].replace('_', ' ')} accuracy {m['accuracy']:.3f} "
+        f"(95% CI {m['accuracy_ci95_low']:.3f}-{m['accuracy_ci95_high']:.3f}) on {m['n']} measured "
+        f"patterns, top-3 {m['top3_accuracy']:.3f}; {m['n_failed']} failed; {m['n_unlabelled']} "
+        f"unlabelled; reports: {a.out}"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xrdvision",
@@ -222,6 +250,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prom.add_argument("--force", action="store_true", help="make the challenger champion regardless")
     add("models", cmd_models, "List registered model versions with aliases and test metrics.")
+    pred = add(
+        "predict",
+        cmd_predict,
+        "Classify CIFs, measured patterns (xy/csv/dat, RRUFF) or 224x224 images with a registered model.",
+    )
+    pred.add_argument("files", nargs="+", metavar="FILE", help="CIF, measured pattern or PNG image")
+    pred.add_argument(
+        "--model",
+        default=None,
+        help="models:/<name>@<alias>, models:/<name>/<version>, runs:/<run id>/model or a "
+        "models/ folder (default: models:/<prefix>-<label mode>@champion)",
+    )
+    pred.add_argument("--top-k", dest="top_k", type=int, default=3, help="classes shown per file")
+    pred.add_argument("--batch-size", dest="batch_size", type=int, default=16, help="images per batch")
+    pred.add_argument(
+        "--wavelength",
+        type=float,
+        default=None,
+        help="wavelength (A) of measured patterns, overriding their headers (converted to Cu K-alpha1)",
+    )
+    fmt = pred.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="JSON output")
+    fmt.add_argument("--csv", action="store_true", help="CSV output")
+    add(
+        "evaluate_measured",
+        cmd_evaluate_measured,
+        "Accuracy and confusion matrix on the measured patterns in measured.folder.",
+        models="models",
+        metrics="metrics/measured.json",
+        out="plots/measured",
+    )
     return parser
 
 
@@ -231,14 +290,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         params = load_params(args.params)
-        args.func(params, args)
+        status = args.func(params, args)
     except XrdVisionError as exc:
         print(f"xrdvision: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("xrdvision: interrupted; finished work is kept and a rerun resumes", file=sys.stderr)
         return 130
-    return 0
+    return int(status or 0)
 
 
 if __name__ == "__main__":

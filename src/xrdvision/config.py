@@ -236,9 +236,9 @@ class PromoteParams:
 
 @dataclass(frozen=True)
 class MeasuredParams:
-    """Measured patterns for the real-data check (empty folder: the stage reports nothing to do)."""
+    """Measured patterns for the real-data check (empty or missing folder: the stage reports it skipped)."""
 
-    folder: str = ""
+    folder: str = "../shared/experimental"
     index: str = "INDEX.csv"
     wavelength: float = 1.5418
 
