@@ -29,6 +29,16 @@ def peak_image(cls_index: int, jitter: int) -> np.ndarray:
     return img
 
 
+def write_split_lists(split_dir: Path, rows: dict[str, list[dict[str, Any]]]) -> None:
+    """``split_dir/<split>.csv`` for each split, in the split stage's format (docs/dataflow.md)."""
+    split_dir.mkdir(parents=True)
+    for split, rs in rows.items():
+        with open(split_dir / f"{split}.csv", "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rs[0]))
+            w.writeheader()
+            w.writerows(rs)
+
+
 def make_split_data(root: Path, n: dict[str, int] | None = None) -> None:
     """``root/data/images/*.png`` and ``root/data/split/{train,val,test}.csv``: ``n`` images per class
     and split (default 6 / 2 / 3), one structure (group) per image."""
@@ -53,13 +63,7 @@ def make_split_data(root: Path, n: dict[str, int] | None = None) -> None:
                     }
                 )
                 k += 1
-    split_dir = root / "data" / "split"
-    split_dir.mkdir(parents=True)
-    for split, rs in rows.items():
-        with open(split_dir / f"{split}.csv", "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rs[0]))
-            w.writeheader()
-            w.writerows(rs)
+    write_split_lists(root / "data" / "split", rows)
 
 
 def tiny_params(root: Path, dense: int = 32, **over: dict[str, Any]) -> Params:

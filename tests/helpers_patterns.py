@@ -19,23 +19,7 @@ from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
 from xrdvision.config import SimulateParams
 from xrdvision.profile import grid, profile_pattern
-
-MANIFEST_COLUMNS = [
-    "cod_id",
-    "file",
-    "formula",
-    "reduced_formula",
-    "crystal_system",
-    "space_group",
-    "space_group_symbol",
-    "declared_space_group",
-    "symmetry_mismatch",
-    "n_atoms",
-    "n_peaks",
-    "status",
-    "reason",
-    "seconds",
-]
+from xrdvision.simulate import MANIFEST_COLUMNS  # the file contract; the physics here is pymatgen's
 
 # Small cells (fast to simulate) from ../shared/cod/INDEX.csv; 1000017 and 1000032 are both corundum
 # (Al2O3, R-3c): one compound group, which the split must keep together.
@@ -130,7 +114,7 @@ def build_patterns(
     )
     manifest = out_dir / "manifest.csv"
     with open(manifest, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS)
+        writer = csv.DictWriter(fh, fieldnames=list(MANIFEST_COLUMNS))
         writer.writeheader()
         writer.writerows(rows)
     return npz, manifest

@@ -27,6 +27,7 @@ import pytest
 from PIL import Image
 
 from conftest import COD_DIR, EXPERIMENTAL_DIR
+from helpers_images import write_split_lists
 from xrdvision.config import parse_params
 from xrdvision.errors import InputError, XrdVisionError
 
@@ -100,13 +101,7 @@ def _build_training_set(root: Path, params) -> dict[str, str]:
                 }
             )
     rows["test"] = rows["val"]
-    split_dir = root / "data" / "split"
-    split_dir.mkdir(parents=True)
-    for split, rs in rows.items():
-        with open(split_dir / f"{split}.csv", "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rs[0]))
-            w.writeheader()
-            w.writerows(rs)
+    write_split_lists(root / "data" / "split", rows)
     return {r["cod_id"]: made[r["cod_id"]] for r in rows["train"]}
 
 

@@ -113,7 +113,7 @@ def test_every_class_with_three_groups_is_in_every_split():
 def _write_inputs(tmp_path, rows, copies=2, failed=(), no_image=()):
     manifest = tmp_path / "manifest.csv"
     with open(manifest, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS, extrasaction="ignore")
+        w = csv.DictWriter(fh, fieldnames=list(MANIFEST_COLUMNS), extrasaction="ignore")
         w.writeheader()
         for r in rows:
             row = dict.fromkeys(MANIFEST_COLUMNS, "") | r

@@ -1,12 +1,14 @@
 """Atomic file writes: write to a temp file beside the target, then rename.
 
 An interrupted stage therefore never leaves a half-written output that a later stage (or DVC) would
-take for a finished one: either the old file or the complete new one is there.
+take for a finished one: either the old file or the complete new one is there. Also the one place
+that hashes a file in blocks (weights fingerprints, render state).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -91,3 +93,12 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file, read in 1 MiB blocks (weights files are hundreds of MB)."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

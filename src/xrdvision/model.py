@@ -17,11 +17,11 @@ the end-to-end model give the same predictions (tested).
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from xrdvision.atomic import file_digest
 from xrdvision.config import ModelParams
 from xrdvision.errors import XrdVisionError
 
@@ -113,11 +113,7 @@ def resolve_weights(explicit: str = "", *, allow_download: bool = True) -> Path:
 
 def weights_fingerprint(path: Path) -> str:
     """md5 of the weights file (logged with each run, so a result names the weights it used)."""
-    h = hashlib.md5()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_digest(path, "md5")
 
 
 def vgg_preprocess_layer():

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import json
 import multiprocessing
 import re
@@ -34,7 +33,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from xrdvision.atomic import atomic_open, atomic_path
+from xrdvision.atomic import atomic_open, atomic_path, file_digest
 from xrdvision.augment import augment_pattern, copy_rng
 from xrdvision.config import Params
 from xrdvision.errors import InputError
@@ -197,21 +196,13 @@ def image_name(cod_id: str, copy: int) -> str:
     return f"{cod_id}_{copy}.png"
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def render_state(params: Params, patterns_file: Path) -> dict[str, Any]:
     """Everything an image depends on: the patterns file's hash and every setting that shapes a pixel."""
     sim = params.simulate
     return {
         "version": RENDER_VERSION,
         "matplotlib": matplotlib.__version__,  # antialiasing may change between releases
-        "patterns_sha256": _file_sha256(patterns_file),
+        "patterns_sha256": file_digest(patterns_file),
         "seed": params.seed,
         "augment": dataclasses.asdict(params.augment),
         "render": {"size": params.render.size, "line_width": params.render.line_width},
