@@ -128,7 +128,8 @@ def cmd_predict(p: Params, a: argparse.Namespace) -> int:
     preds = predict_files(
         a.files, p, a.model, top_k=a.top_k, batch_size=a.batch_size, wavelength=a.wavelength
     )
-    print(to_json(preds) if a.json else to_csv(preds) if a.csv else format_table(preds), end="")
+    text = to_json(preds) if a.json else to_csv(preds) if a.csv else format_table(preds)
+    print(text if text.endswith("\n") else text + "\n", end="", flush=True)
     failed = [x for x in preds if not x.ok]
     for x in failed:
         print(f"xrdvision: error: {x.error}", file=sys.stderr)
