@@ -138,10 +138,16 @@ def test_full_repro_trains_evaluates_and_registers(tmp_path):
             "model": {"trainable_conv": 0, "dense": [32]},
             "train": {"epochs": 3, "learning_rate": 0.001},
             "measured": {"folder": str(measured)},
+            "synth": {"per_system": 1, "max_atoms": 24},
         },
     )
     out = _run(["dvc", "repro"], repo, env)
     assert "Running stage 'evaluate'" in out and "Running stage 'evaluate_measured'" in out
+    assert "Running stage 'synthesize'" in out
+    feats = json.loads((repo / "data/features/summary.json").read_text())
+    synth_rows = list(csv.DictReader((repo / "data/synth/train.csv").open()))
+    assert feats["n_synthetic_train_images"] == len(synth_rows) >= 6
+    assert {r["crystal_system"] for r in synth_rows} >= {"triclinic", "cubic"}
     real = json.loads((repo / "metrics/measured.json").read_text())
     assert real["skipped"] is False and real["n"] == 6 and real["n_failed"] == 0
     assert set(real["per_source"]) == {"rruff_agi", "rockjock"}

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from helpers_images import CLASSES, make_split_data, peak_image, tiny_params
+from helpers_images import SG as SG_OF
 from xrdvision.errors import XrdVisionError
 
 
@@ -129,3 +130,28 @@ def test_corrupt_png_is_reported_and_skipped(workdir, capsys):
     )
     assert kept == [0] and feats.shape[0] == 1
     assert len(problems) == 1 and problems[0].startswith("data/images/bad.png: corrupt image")
+
+
+def test_synthetic_images_join_the_train_split_only(workdir):
+    """The synthesize stage's list adds images to train; val and test stay the real split lists."""
+    from xrdvision.features import load_features, run_features
+
+    synth = workdir / "data" / "synth"
+    (synth / "images").mkdir(parents=True)
+    rows = []
+    for i, cls in enumerate(CLASSES):
+        name = f"synth-{cls}-{i:05d}_0.png"
+        Image.fromarray(peak_image(i, 7)).save(synth / "images" / name)
+        rows.append(f"{name},synth-{cls}-{i:05d},synth-{cls}-{i:05d},0,{cls},{SG_OF[cls]}")
+    (synth / "train.csv").write_text(
+        "image,cod_id,group,copy,crystal_system,space_group\n" + "\n".join(rows) + "\n"
+    )
+    s = run_features(_params(workdir), Path("data/split"), Path("data/images"), Path("data/features"), synth)
+    assert s["n_synthetic_train_images"] == 3
+    assert {k: v["n_images"] for k, v in s["splits"].items()} == {"train": 21, "val": 6, "test": 9}
+    tr = load_features(Path("data/features/train.npz"))
+    assert [str(x) for x in tr["image"][-3:]] == [f"synth/{r.split(',')[0]}" for r in rows]
+    assert [str(x) for x in tr["crystal_system"][-3:]] == list(CLASSES)
+    for split in ("val", "test"):
+        names = load_features(Path(f"data/features/{split}.npz"))["image"]
+        assert not any(str(n).startswith("synth/") for n in names)

@@ -61,12 +61,30 @@ def cmd_split(p: Params, a: argparse.Namespace) -> None:
     print(f"split: {parts}; {s['n_groups']} compound groups -> {a.out}")
 
 
+def cmd_synthesize(p: Params, a: argparse.Namespace) -> None:
+    from xrdvision.synth import run_synthesize
+
+    s = run_synthesize(p, Path(a.split), Path(a.manifest), Path(a.out))
+    if not s["per_system"]:
+        print(f"synthesize: off ({s['reason']}); {a.out}/train.csv is empty")
+        return
+    per = ", ".join(f"{k} {v}" for k, v in s["labels_per_system"].items())
+    print(
+        f"synthesize: {s['n_images']} training images of {s['n_simulated']} random crystals ({per}); "
+        f"{s['n_generation_failed']} not generated, {s['n_simulation_failed']} not simulated; "
+        f"{s['n_other_system_than_drawn']} analysed in another system than drawn"
+    )
+
+
 def cmd_features(p: Params, a: argparse.Namespace) -> None:
     from xrdvision.features import run_features
 
-    s = run_features(p, Path(a.split), Path(a.images), Path(a.out))
+    s = run_features(p, Path(a.split), Path(a.images), Path(a.out), Path(a.synth) if a.synth else None)
     sizes = ", ".join(f"{k} {v['n_images']}" for k, v in s["splits"].items())
-    print(f"features: cached {s['cut_layer']} output for {sizes} images; {len(s['skipped'])} skipped")
+    print(
+        f"features: cached {s['cut_layer']} output for {sizes} images "
+        f"(train includes {s['n_synthetic_train_images']} synthetic); {len(s['skipped'])} skipped"
+    )
 
 
 def cmd_train(p: Params, a: argparse.Namespace) -> None:
@@ -199,11 +217,21 @@ def build_parser() -> argparse.ArgumentParser:
         out="data/split",
     )
     add(
+        "synthesize",
+        cmd_synthesize,
+        "Random crystals (PyXtal) of the training split's space groups, simulated and rendered: "
+        "extra training images only.",
+        split="data/split",
+        manifest="data/patterns/manifest.csv",
+        out="data/synth",
+    )
+    add(
         "features",
         cmd_features,
-        "Cache the frozen VGG16 layers' output for every split image.",
+        "Cache the frozen VGG16 layers' output for every split image (plus synthetic training images).",
         split="data/split",
         images="data/images",
+        synth="data/synth",
         out="data/features",
     )
     add(

@@ -161,6 +161,22 @@ class SplitParams:
 
 
 @dataclass(frozen=True)
+class SynthParams:
+    """Random crystals (PyXtal) added to the training images only; ``per_system: 0`` = off."""
+
+    per_system: int = 0  # random crystals per crystal system
+    max_atoms: int = 40  # atoms in the conventional cell, at most
+    max_species: int = 4  # elements per crystal, at most
+    copies: int = 0  # augmented copies per synthetic crystal (each crystal is already new)
+
+    def validate(self) -> None:
+        _check(0 <= self.per_system <= 100000, "synth.per_system", "must be in [0, 100000]")
+        _check(2 <= self.max_atoms <= 500, "synth.max_atoms", "must be in [2, 500]")
+        _check(1 <= self.max_species <= 8, "synth.max_species", "must be in [1, 8]")
+        _check(0 <= self.copies <= 20, "synth.copies", "must be in [0, 20]")
+
+
+@dataclass(frozen=True)
 class ModelParams:
     """The VGG16 transfer-learning model."""
 
@@ -254,6 +270,7 @@ class Params:
     augment: AugmentParams = field(default_factory=AugmentParams)
     render: RenderParams = field(default_factory=RenderParams)
     split: SplitParams = field(default_factory=SplitParams)
+    synth: SynthParams = field(default_factory=SynthParams)
     model: ModelParams = field(default_factory=ModelParams)
     train: TrainParams = field(default_factory=TrainParams)
     mlflow: MlflowParams = field(default_factory=MlflowParams)

@@ -80,21 +80,36 @@ def compute_features(
     return out[: len(kept)], kept, problems
 
 
-def run_features(params: Params, split_dir: Path, image_dir: Path, out_dir: Path) -> dict:
-    """Compute and write ``out_dir/{train,val,test}.npz`` (features + labels + image names)."""
+def run_features(
+    params: Params, split_dir: Path, image_dir: Path, out_dir: Path, synth_dir: Path | None = None
+) -> dict:
+    """Compute and write ``out_dir/{train,val,test}.npz`` (features + labels + image names).
+
+    ``synth_dir`` (the synthesize stage's output) adds its random-crystal images to the *train* split
+    only, named ``synth/<file>``; validation and test are the real structures of the split lists.
+    """
     from xrdvision.model import build_model, resolve_weights, weights_fingerprint
+    from xrdvision.synth import read_synth_train
 
     lists = {s: read_split(Path(split_dir) / f"{s}.csv") for s in SPLITS}
     for s, rows in lists.items():
         if not rows:
             raise XrdVisionError(f"{Path(split_dir) / f'{s}.csv'}: the {s} split is empty")
+    synth_rows = read_synth_train(Path(synth_dir)) if synth_dir is not None else []
+    lists["train"] = lists["train"] + synth_rows
     weights = resolve_weights(params.model.weights)
     # The front does not depend on the number of classes; 7 is a placeholder for the head.
     net = build_model(7, params.model, weights=weights, seed=params.seed)
     fingerprint = weights_fingerprint(weights)
-    summary: dict = {"cut_layer": net.cut_layer, "weights_md5": fingerprint, "splits": {}, "skipped": []}
+    summary: dict = {
+        "cut_layer": net.cut_layer,
+        "weights_md5": fingerprint,
+        "splits": {},
+        "skipped": [],
+        "n_synthetic_train_images": len(synth_rows),
+    }
     for s, rows in lists.items():
-        paths = [Path(image_dir) / r["image"] for r in rows]
+        paths = [Path(r["path"]) if r.get("path") else Path(image_dir) / r["image"] for r in rows]
         feats, kept, problems = compute_features(net.front, paths, desc=f"features {s}")
         for line in problems:
             print(f"skipped: {line}")
