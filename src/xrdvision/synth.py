@@ -170,7 +170,7 @@ def generate_cifs(
             sg = int(rng.choice(sgs, p=probs))
             elements = chemistry[int(rng.integers(len(chemistry)))]
             if len(elements) > sp.max_species:
-                elements = tuple(sorted(rng.choice(elements, size=sp.max_species, replace=False)))
+                elements = tuple(sorted(str(e) for e in rng.choice(elements, size=sp.max_species, replace=False)))
             structure = random_crystal(sg, elements, sp.max_atoms, rng)
             if structure is not None:
                 break
