@@ -139,18 +139,23 @@ def test_missing_inputs_are_one_line(tmp_path):
 
 def test_rich_chemistry_is_cut_to_max_species_not_dropped(tmp_path):
     """A training compound with more elements than ``synth.max_species`` still gives crystals, with a
-    random subset of its elements (COD is mostly C-H-N-O + metals: dropping those would skew the chemistry)."""
+    random subset of its elements (COD is mostly C-H-N-O + metals: dropping those skews the chemistry)."""
     from pymatgen.core import Structure
 
     from xrdvision.synth import generate_cifs
 
     train = [{"cod_id": "1", "space_group": "14"}, {"cod_id": "2", "space_group": "225"}]
     manifest = [{"cod_id": "1", "formula": "Cu2 P4 H60 C58 I2 N4"}, {"cod_id": "2", "formula": "Na4 Cl4"}]
-    p = parse_params({"synth": {"per_system": 2, "max_atoms": 24, "max_species": 3}})
-    out = generate_cifs(p, train, manifest, tmp_path)
+    p = parse_params(
+        {"synth": {"per_system": 2, "max_atoms": 24, "max_species": 3}, "simulate": {"workers": 2}}
+    )
+    out = generate_cifs(p, train, manifest, tmp_path / "two")
     assert out["n_written"] == 14 and out["failed"] == []
-    species = [
-        {str(e) for e in Structure.from_file(f).composition.elements} for f in sorted(tmp_path.glob("*.cif"))
-    ]
+    files = sorted((tmp_path / "two").glob("*.cif"))
+    # the same crystals whatever the number of processes (each is seeded by seed, system, index)
+    one = replace(p, simulate=replace(p.simulate, workers=1))
+    assert generate_cifs(one, train, manifest, tmp_path / "one")["n_written"] == 14
+    assert [f.read_bytes() for f in files] == [(tmp_path / "one" / f.name).read_bytes() for f in files]
+    species = [{str(e) for e in Structure.from_file(f).composition.elements} for f in files]
     rich = [s for s in species if s != {"Na", "Cl"}]
     assert rich and all(len(s) == 3 and s <= {"Cu", "P", "H", "C", "I", "N"} for s in rich)

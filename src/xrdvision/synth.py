@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from xrdvision.atomic import atomic_open, atomic_path, write_json
+from xrdvision.atomic import atomic_open, write_json
 from xrdvision.config import Params
 from xrdvision.errors import InputError, XrdVisionError
 
@@ -138,15 +138,41 @@ def _read_csv(path: Path, what: str) -> list[dict[str, str]]:
         raise InputError(path, f"{what} not found (run `dvc repro split` first)") from None
 
 
+def _crystal_cif(task: tuple[Params, list[int], list[tuple[str, ...]], str, int]) -> tuple[str, str | None]:
+    """One synthetic crystal (worker side): (file stem, CIF text or None if none was found).
+
+    Crystal ``k`` of a system draws from its own generator (seed, system, k), so the result does not
+    depend on which process makes it or in what order.
+    """
+    from pymatgen.io.cif import CifWriter
+
+    params, train_groups, chemistry, system, k = task
+    sp = params.synth
+    rng = np.random.default_rng([params.seed, SYSTEMS.index(system), k, 0x5E])
+    sgs, probs = space_group_weights(train_groups, system)
+    for _ in range(MAX_TRIES):
+        sg = int(rng.choice(sgs, p=probs))
+        elements = chemistry[int(rng.integers(len(chemistry)))]
+        if len(elements) > sp.max_species:
+            elements = tuple(sorted(str(e) for e in rng.choice(elements, size=sp.max_species, replace=False)))
+        structure = random_crystal(sg, elements, sp.max_atoms, rng)
+        if structure is not None:
+            return synth_id(system, k), str(CifWriter(structure))
+    return synth_id(system, k), None
+
+
 def generate_cifs(
     params: Params, train_rows: list[dict[str, str]], manifest_rows: list[dict[str, str]], cif_dir: Path
 ) -> dict[str, Any]:
     """Write ``synth.per_system`` random-crystal CIFs per crystal system into ``cif_dir``.
 
-    Crystal ``k`` of a system draws from its own generator (seed, system, k), so a rerun writes the same
-    files and an interrupted run resumes: CIFs already there are kept.
+    Crystals are drawn in ``simulate.workers`` processes; each is seeded by (seed, system, k), so a
+    rerun writes the same files whatever the number of workers, and an interrupted run resumes: CIFs
+    already there are kept.
     """
-    from pymatgen.io.cif import CifWriter
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     from tqdm import tqdm
 
     sp = params.synth
@@ -155,31 +181,35 @@ def generate_cifs(
     formulas = [r["formula"] for r in manifest_rows if r["cod_id"] in train_ids and r.get("formula")]
     chemistry = element_sets(formulas, sp.max_species)
     cif_dir.mkdir(parents=True, exist_ok=True)
-    made = kept = 0
-    failed: list[str] = []
     todo = [(s, k) for s in SYSTEMS for k in range(sp.per_system)]
-    for system, k in tqdm(todo, desc="synthesize", unit="crystal"):
-        path = cif_dir / f"{synth_id(system, k)}.cif"
-        if path.exists():
-            kept += 1
-            continue
-        rng = np.random.default_rng([params.seed, SYSTEMS.index(system), k, 0x5E])
-        sgs, probs = space_group_weights(train_groups, system)
-        structure = None
-        for _ in range(MAX_TRIES):
-            sg = int(rng.choice(sgs, p=probs))
-            elements = chemistry[int(rng.integers(len(chemistry)))]
-            if len(elements) > sp.max_species:
-                elements = tuple(sorted(str(e) for e in rng.choice(elements, size=sp.max_species, replace=False)))
-            structure = random_crystal(sg, elements, sp.max_atoms, rng)
-            if structure is not None:
-                break
-        if structure is None:
-            failed.append(f"{path.name}: no random crystal found in {MAX_TRIES} draws")
-            continue
-        with atomic_path(path) as tmp:
-            CifWriter(structure).write_file(str(tmp))
+    missing = [(s, k) for s, k in todo if not (cif_dir / f"{synth_id(s, k)}.cif").exists()]
+    kept = len(todo) - len(missing)
+    tasks = [(params, train_groups, chemistry, s, k) for s, k in missing]
+    made = 0
+    failed: list[str] = []
+
+    def keep(stem: str, text: str | None) -> None:
+        nonlocal made
+        if text is None:
+            failed.append(f"{stem}.cif: no random crystal found in {MAX_TRIES} draws")
+            return
+        with atomic_open(cif_dir / f"{stem}.cif", "w", encoding="utf-8") as fh:
+            fh.write(text)
         made += 1
+
+    bar = tqdm(total=len(todo), initial=kept, desc="synthesize", unit="crystal")
+    workers = min(params.simulate.workers, len(tasks))
+    if workers <= 1:
+        for task in tasks:
+            keep(*_crystal_cif(task))
+            bar.update()
+    else:
+        ctx = multiprocessing.get_context("spawn")  # no copy of the parent's threads (TensorFlow, BLAS)
+        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            for stem, text in pool.map(_crystal_cif, tasks, chunksize=8):
+                keep(stem, text)
+                bar.update()
+    bar.close()
     return {"n_written": made, "n_kept": kept, "failed": failed}
 
 
