@@ -163,6 +163,7 @@ def test_full_repro_trains_evaluates_and_registers(tmp_path):
     assert 1 <= len(hist) <= 3
     shown = _run(["dvc", "metrics", "show", "--json"], repo, env)
     assert "accuracy" in shown
-    mlflow.set_tracking_uri(f"sqlite:///{repo}/mlruns/mlflow.db")
-    mv = mlflow.MlflowClient().get_model_version_by_alias("xrdvision-crystal-system", "challenger")
+    store = f"sqlite:///{repo}/mlruns/mlflow.db"
+    client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)  # no process-wide URI
+    mv = client.get_model_version_by_alias("xrdvision-crystal-system", "challenger")
     assert float(mv.tags["test_accuracy"]) == pytest.approx(metrics["accuracy"], abs=1e-6)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -72,8 +73,8 @@ def test_features_train_evaluate_track_and_register(workdir):
     assert Image.open("plots/confusion_matrix.png").size[0] > 100
 
     # Read everything back from the real MLflow store.
-    mlflow.set_tracking_uri(p.mlflow.tracking_uri)
-    client = mlflow.MlflowClient()
+    uri = p.mlflow.tracking_uri
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)  # no process-wide URI
     run = client.get_run(out["run_id"])
     assert run.data.params["train.learning_rate"] == "0.003"
     assert run.data.params["labels.mode"] == "crystal_system"
@@ -108,6 +109,23 @@ def test_unreachable_mlflow_server_fails_before_training(workdir):
             p, Path("data/features"), Path("models"), Path("metrics/train.json"), Path("plots/training.csv")
         )
     assert not Path("models").exists() and not Path("metrics").exists()
+
+
+def test_tracking_setup_leaves_the_users_environment_alone(tmp_path, monkeypatch):
+    """MLflow 3's set_tracking_uri exports MLFLOW_TRACKING_URI; if it stayed, a second setup in the same
+    process with other params (a notebook, the test suite) would silently log to the first store."""
+    from xrdvision import tracking
+    from xrdvision.config import MlflowParams
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    first, second = (f"sqlite:///{tmp_path}/{n}/mlflow.db" for n in ("a", "b"))
+    assert tracking.setup(MlflowParams(tracking_uri=first)) == first
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
+    assert tracking.setup(MlflowParams(tracking_uri=second)) == second
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", first)  # the user's own choice still wins over params
+    assert tracking.setup(MlflowParams(tracking_uri=second)) == first
+    assert os.environ["MLFLOW_TRACKING_URI"] == first
 
 
 def test_class_missing_from_training_is_an_error(workdir):

@@ -88,8 +88,8 @@ def test_study_nested_runs_pruning_best_params_and_resume(tiny, work, capsys):
     assert best.value == pytest.approx(min(best.intermediate_values.values()))  # objective: best val_loss
 
     # MLflow: one parent run for the study, every trial a nested run with params and per-epoch metrics.
-    mlflow.set_tracking_uri(p.mlflow.tracking_uri)
-    client = mlflow.MlflowClient()
+    uri = p.mlflow.tracking_uri
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)  # no process-wide URI
     exp = client.get_experiment_by_name("test")
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]

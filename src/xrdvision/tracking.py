@@ -42,8 +42,17 @@ def setup(p: MlflowParams, *, check: bool = True) -> str:
         # Fail fast instead of MLflow's default minutes of retries.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    # MLflow 3 also exports these URIs as environment variables; put back what the user had, so that
+    # ``MLFLOW_TRACKING_URI`` keeps meaning "the user's choice" and a later setup() in the same process
+    # (a notebook, the test suite) with other params is not sent to this store.
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
     if check:
         try:
             mlflow.MlflowClient().search_experiments(max_results=1)
