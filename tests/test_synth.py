@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 from conftest import EMBEDDED_DIR
+from xrdvision.config import CRYSTAL_SYSTEMS as SYSTEMS
 from xrdvision.config import parse_params
 from xrdvision.labels import analyse_symmetry
 from xrdvision.synth import (
-    SYSTEMS,
     crystal_system_of,
     draw_stoichiometry,
     element_sets,

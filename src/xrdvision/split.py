@@ -147,7 +147,8 @@ def assign_splits(
     return out
 
 
-def _read_csv(path: Path, required: Sequence[str], what: str) -> list[dict[str, str]]:
+def read_table(path: Path, required: Sequence[str], what: str) -> list[dict[str, str]]:
+    """Rows of a CSV between stages; a missing file or column is one InputError naming the file."""
     if not path.is_file():
         raise InputError(path, f"{what} not found")
     with open(path, newline="", encoding="utf-8") as fh:
@@ -168,10 +169,10 @@ def run_split(params: Params, manifest_path: Path, image_index_path: Path, out_d
     in the images folder).
     """
     manifest_path, image_index_path, out_dir = Path(manifest_path), Path(image_index_path), Path(out_dir)
-    manifest = _read_csv(manifest_path, ["cod_id", "status", "crystal_system", "space_group"], "manifest")
+    manifest = read_table(manifest_path, ["cod_id", "status", "crystal_system", "space_group"], "manifest")
     if manifest and not ({"reduced_formula", "formula"} & set(manifest[0])):
         raise InputError(manifest_path, "manifest lacks column reduced_formula (or formula)")
-    index = _read_csv(image_index_path, ["image", "cod_id", "copy"], "image index")
+    index = read_table(image_index_path, ["image", "cod_id", "copy"], "image index")
 
     images: dict[str, list[tuple[int, str]]] = defaultdict(list)
     for row in index:

@@ -24,6 +24,7 @@ higher symmetry), exactly as for a COD CIF. Outputs, all in ``out_dir``: ``cifs/
 from __future__ import annotations
 
 import csv
+import functools
 import time
 import warnings
 from dataclasses import replace
@@ -33,10 +34,10 @@ from typing import Any
 import numpy as np
 
 from xrdvision.atomic import atomic_open, write_json
-from xrdvision.config import Params
-from xrdvision.errors import InputError, XrdVisionError
+from xrdvision.config import CRYSTAL_SYSTEMS, Params
+from xrdvision.errors import XrdVisionError
+from xrdvision.split import SPLIT_COLUMNS, read_table
 
-SYSTEMS = ("triclinic", "monoclinic", "orthorhombic", "tetragonal", "trigonal", "hexagonal", "cubic")
 SG_RANGES = {
     "triclinic": (1, 2),
     "monoclinic": (3, 15),
@@ -46,7 +47,6 @@ SG_RANGES = {
     "hexagonal": (168, 194),
     "cubic": (195, 230),
 }
-SPLIT_COLUMNS = ("image", "cod_id", "group", "copy", "crystal_system", "space_group")
 MAX_TRIES = 40  # draws of (group, elements, stoichiometry) per crystal before it is reported failed
 
 
@@ -86,14 +86,21 @@ def element_sets(formulas: list[str], max_species: int) -> list[tuple[str, ...]]
     return sorted(out)
 
 
+@functools.cache
+def _group(space_group: int) -> Any:
+    """PyXtal's Group (its Wyckoff table); built once per group, as it takes ~10 ms and a crystal may
+    need several draws."""
+    from pyxtal.symmetry import Group
+
+    return Group(space_group)
+
+
 def draw_stoichiometry(
     space_group: int, n_species: int, max_atoms: int, rng: np.random.Generator
 ) -> list[int] | None:
     """Atoms per element in the conventional cell: each a sum of 1-2 Wyckoff multiplicities of the
     group, in total at most ``max_atoms``, and compatible with the group (PyXtal's check)."""
-    from pyxtal.symmetry import Group
-
-    group = Group(space_group)
+    group = _group(space_group)
     mults = sorted({int(w.multiplicity) for w in group.Wyckoff_positions if w.multiplicity <= max_atoms})
     if not mults or mults[0] * n_species > max_atoms:
         return None
@@ -130,15 +137,10 @@ def synth_id(system: str, k: int) -> str:
     return f"synth-{system}-{k:05d}"
 
 
-def _read_csv(path: Path, what: str) -> list[dict[str, str]]:
-    try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            return list(csv.DictReader(fh))
-    except FileNotFoundError:
-        raise InputError(path, f"{what} not found (run `dvc repro split` first)") from None
+Task = tuple[Params, np.ndarray, np.ndarray, list[tuple[str, ...]], str, int]
 
 
-def _crystal_cif(task: tuple[Params, list[int], list[tuple[str, ...]], str, int]) -> tuple[str, str | None]:
+def _crystal_cif(task: Task) -> tuple[str, str | None]:
     """One synthetic crystal (worker side): (file stem, CIF text or None if none was found).
 
     Crystal ``k`` of a system draws from its own generator (seed, system, k), so the result does not
@@ -146,10 +148,9 @@ def _crystal_cif(task: tuple[Params, list[int], list[tuple[str, ...]], str, int]
     """
     from pymatgen.io.cif import CifWriter
 
-    params, train_groups, chemistry, system, k = task
+    params, sgs, probs, chemistry, system, k = task
     sp = params.synth
-    rng = np.random.default_rng([params.seed, SYSTEMS.index(system), k, 0x5E])
-    sgs, probs = space_group_weights(train_groups, system)
+    rng = np.random.default_rng([params.seed, CRYSTAL_SYSTEMS.index(system), k, 0x5E])
     for _ in range(MAX_TRIES):
         sg = int(rng.choice(sgs, p=probs))
         elements = chemistry[int(rng.integers(len(chemistry)))]
@@ -181,10 +182,11 @@ def generate_cifs(
     formulas = [r["formula"] for r in manifest_rows if r["cod_id"] in train_ids and r.get("formula")]
     chemistry = element_sets(formulas, sp.max_species)
     cif_dir.mkdir(parents=True, exist_ok=True)
-    todo = [(s, k) for s in SYSTEMS for k in range(sp.per_system)]
+    weights = {s: space_group_weights(train_groups, s) for s in CRYSTAL_SYSTEMS}
+    todo = [(s, k) for s in CRYSTAL_SYSTEMS for k in range(sp.per_system)]
     missing = [(s, k) for s, k in todo if not (cif_dir / f"{synth_id(s, k)}.cif").exists()]
     kept = len(todo) - len(missing)
-    tasks = [(params, train_groups, chemistry, s, k) for s, k in missing]
+    tasks: list[Task] = [(params, *weights[s], chemistry, s, k) for s, k in missing]
     made = 0
     failed: list[str] = []
 
@@ -233,8 +235,8 @@ def run_synthesize(params: Params, split_dir: Path, manifest: Path, out_dir: Pat
         summary: dict[str, Any] = {"per_system": 0, "n_images": 0, "reason": "synth.per_system is 0"}
         write_json(out_dir / "summary.json", summary)
         return summary
-    train_rows = _read_csv(Path(split_dir) / "train.csv", "training split list")
-    manifest_rows = _read_csv(Path(manifest), "simulate manifest")
+    train_rows = read_table(Path(split_dir) / "train.csv", ["cod_id", "space_group"], "training split list")
+    manifest_rows = read_table(Path(manifest), ["cod_id", "formula"], "simulate manifest")
     gen = generate_cifs(params, train_rows, manifest_rows, out_dir / "cifs")
     for line in gen["failed"]:
         print(f"skipped: {line}")
@@ -244,27 +246,17 @@ def run_synthesize(params: Params, split_dir: Path, manifest: Path, out_dir: Pat
 
     labels = {
         r["cod_id"]: r
-        for r in _read_csv(out_dir / "patterns" / "manifest.csv", "manifest")
+        for r in read_table(out_dir / "patterns" / "manifest.csv", ["cod_id", "status"], "manifest")
         if r["status"] == "ok"
     }
     rows = []
-    for r in _read_csv(out_dir / "images" / "index.csv", "image index"):
+    for r in read_table(out_dir / "images" / "index.csv", ["image", "cod_id"], "image index"):
         lab = labels.get(r["cod_id"])
-        if lab is None:
-            continue
-        rows.append(
-            {
-                "image": r["image"],
-                "cod_id": r["cod_id"],
-                "group": r["cod_id"],
-                "copy": r["copy"],
-                "crystal_system": lab["crystal_system"],
-                "space_group": lab["space_group"],
-            }
-        )
+        if lab is not None:  # the copy index stays in the file name (<id>_<copy>.png), as for COD images
+            rows.append([r["image"], r["cod_id"], r["cod_id"], lab["crystal_system"], lab["space_group"]])
     with atomic_open(out_dir / "train.csv", "w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(SPLIT_COLUMNS))
-        w.writeheader()
+        w = csv.writer(fh)
+        w.writerow(SPLIT_COLUMNS)
         w.writerows(rows)
     per_system: dict[str, int] = {}
     landed_higher = 0
@@ -292,8 +284,7 @@ def read_synth_train(synth_dir: Path) -> list[dict[str, str]]:
     path = Path(synth_dir) / "train.csv"
     if not path.exists():
         return []
-    with open(path, newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = read_table(path, SPLIT_COLUMNS, "synthetic training list")
     return [
         {**r, "image": f"synth/{r['image']}", "path": str(Path(synth_dir) / "images" / r["image"])}
         for r in rows
