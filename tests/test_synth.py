@@ -134,7 +134,8 @@ def test_missing_inputs_are_one_line(tmp_path):
         run_synthesize(p, tmp_path / "nope", tmp_path / "m.csv", tmp_path / "synth")
     with pytest.raises(Exception, match=r"synth\.max_atoms"):
         parse_params({"synth": {"max_atoms": 1}})
-    assert replace(p.synth, copies=1).copies == 1
+    with pytest.raises(Exception, match=r"synth\.copies"):
+        parse_params({"synth": {"copies": -1}})
 
 
 def test_rich_chemistry_is_cut_to_max_species_not_dropped(tmp_path):
