@@ -74,13 +74,20 @@ def element_sets(formulas: list[str], max_species: int) -> list[tuple[str, ...]]
     from pymatgen.core import Composition
 
     out: set[tuple[str, ...]] = set()
+    unreadable: list[str] = []
     for formula in formulas:
         try:
             elements = tuple(sorted(str(e) for e in Composition(formula).elements))
-        except Exception:  # an unparsable formula only removes one choice of chemistry
+        except Exception:  # an unparsable formula only removes one choice of chemistry: say so, go on
+            unreadable.append(formula)
             continue
         if elements:
             out.add(elements)
+    if unreadable:
+        print(
+            f"synthesize: {len(unreadable)} training formula(s) unreadable, not used as chemistry: "
+            f"{unreadable[:3]}"
+        )
     if not out:
         raise XrdVisionError("synthesize: no element set could be read from the training formulas")
     return sorted(out)
