@@ -72,7 +72,7 @@ def cmd_synthesize(p: Params, a: argparse.Namespace) -> None:
     print(
         f"synthesize: {s['n_images']} training images of {s['n_simulated']} random crystals ({per}); "
         f"{s['n_generation_failed']} not generated, {s['n_simulation_failed']} not simulated; "
-        f"{s['n_other_system_than_drawn']} analysed in another system than drawn"
+        f"{s['n_other_system_than_drawn']} analysed in another system than drawn; {s['seconds']:.0f} s"
     )
 
 

@@ -89,7 +89,6 @@ MANIFEST_COLUMNS = (
     "n_peaks",
     "status",
     "reason",
-    "seconds",
 )
 NO_REFLECTIONS = "no reflections in 2-theta range"
 
@@ -398,7 +397,6 @@ class Record:
         row: dict[str, Any] = dict.fromkeys(MANIFEST_COLUMNS, "")
         row.update(cod_id=self.cod_id, file=self.file, status=self.status, reason=self.reason)
         row.update(n_atoms=self.n_atoms or "", n_peaks=self.n_peaks if self.status == "ok" else "")
-        row["seconds"] = f"{self.seconds:.3f}"
         if lab is not None:
             row.update(
                 formula=lab.formula,
@@ -765,7 +763,9 @@ def summary_line(summary: dict[str, Any]) -> str:
     reasons = ", ".join(f"{k}: {v}" for k, v in sorted(summary["reasons"].items(), key=lambda kv: -kv[1]))
     failed = f"{summary['n_failed']} failed" + (f" ({reasons})" if reasons else "")
     cached = f", {summary['n_cached']} from cache" if summary.get("n_cached") else ""
-    return f"simulate: {summary['n_ok']} ok, {failed} in {summary['seconds']:.0f} s{cached}"
+    slowest = ", ".join(f"{c} {t:.1f} s" for c, t in summary.get("slowest", []))
+    slow = f"; slowest: {slowest}" if slowest else ""
+    return f"simulate: {summary['n_ok']} ok, {failed} in {summary['seconds']:.0f} s{cached}{slow}"
 
 
 def run_simulate(
@@ -781,7 +781,7 @@ def run_simulate(
     Results already in the cache (same CIF bytes, same peak/label settings) are reused, so an
     interrupted run resumes where it stopped. A CIF that timed out is retried only with a longer
     ``timeout_s`` than the one it failed under. Returns ``{n_ok, n_failed, reasons, per_system,
-    seconds, n_cached, n_computed}`` (see :func:`summary_line` for the one-line form).
+    seconds, n_cached, n_computed, slowest}`` (see :func:`summary_line` for the one-line form).
     """
     from tqdm import tqdm
 
@@ -840,6 +840,8 @@ def run_simulate(
         "seconds": round(time.perf_counter() - t0, 2),
         "n_cached": n_cached,
         "n_computed": len(todo),
+        # Per-CIF times go to the log, not the manifest: a data output must hash the same on every run.
+        "slowest": [(r.cod_id, round(r.seconds, 2)) for r in sorted(done, key=lambda r: -r.seconds)[:3]],
     }
 
 
