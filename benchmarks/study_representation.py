@@ -25,7 +25,9 @@ the training model's ``block5 avg``). Each rendering costs one VGG16 pass over t
     .venv/bin/python benchmarks/study_representation.py --patterns data/patterns/patterns.npz \\
         --split data/split [--weights PATH] [--renderings 2theta log_d ...]
 
-The simulate output of the full COD run (852 structures) is in DVC's cache; point ``--patterns`` and
+``--synth <a synthesize output, data/synth>`` adds its random crystals to every training fold (never
+to a tested one) for the peak-list peer and for the training model's pooling (block5 average), to see
+whether they lift accuracy on real structures. The simulate output of the full COD run (852 structures) is in DVC's cache; point ``--patterns`` and
 ``--split`` at that run's ``data/patterns/patterns.npz`` and ``data/split``.
 """
 
@@ -113,8 +115,13 @@ def pooled_features(weights: Path) -> object:
     return keras.Model(inp, outs)
 
 
-def cross_validate(X: np.ndarray, y: np.ndarray, groups: np.ndarray, make) -> dict[str, float]:
-    """Grouped stratified k-fold, repeated over shuffles: mean accuracy and log loss over structures."""
+def cross_validate(
+    X: np.ndarray, y: np.ndarray, groups: np.ndarray, make, extra: tuple[np.ndarray, np.ndarray] | None = None
+) -> dict[str, float]:
+    """Grouped stratified k-fold, repeated over shuffles: mean accuracy and log loss over structures.
+
+    ``extra`` (features, labels), e.g. synthetic crystals, joins every training fold and is never tested.
+    """
     from sklearn.model_selection import StratifiedGroupKFold
 
     accs, losses = [], []
@@ -122,7 +129,10 @@ def cross_validate(X: np.ndarray, y: np.ndarray, groups: np.ndarray, make) -> di
         pred = np.empty(len(y), dtype=object)
         p_true = np.empty(len(y))
         for tr, te in StratifiedGroupKFold(FOLDS, shuffle=True, random_state=seed).split(X, y, groups):
-            model = make().fit(X[tr], y[tr])
+            x_tr, y_tr = X[tr], y[tr]
+            if extra is not None:
+                x_tr, y_tr = np.concatenate([x_tr, extra[0]]), np.concatenate([y_tr, extra[1]])
+            model = make().fit(x_tr, y_tr)
             proba = model.predict_proba(X[te])
             classes = list(model.classes_)
             pred[te] = np.asarray(classes, dtype=object)[proba.argmax(1)]
@@ -162,6 +172,7 @@ def main() -> None:
     ap.add_argument("--patterns", type=Path, default=Path("data/patterns/patterns.npz"))
     ap.add_argument("--split", type=Path, default=Path("data/split"))
     ap.add_argument("--weights", default="")
+    ap.add_argument("--synth", type=Path, help="a synthesize output (data/synth): added to training folds")
     ap.add_argument("--renderings", nargs="+", default=list(RENDERINGS), choices=RENDERINGS)
     default_out = Path(__file__).parent / "results" / "study_representation.json"
     ap.add_argument("--out", type=Path, default=default_out)
@@ -179,15 +190,27 @@ def main() -> None:
     y, groups, keep = labels_and_groups(a.split, ids)
     n_groups = len(set(groups))
     print(f"{len(keep)} structures, {n_groups} compound groups, {FOLDS}-fold x {len(SHUFFLES)} shuffles")
+    synth = None
+    if a.synth:
+        synth_pat = load_patterns(a.synth / "patterns" / "patterns.npz")
+        with open(a.synth / "train.csv", encoding="utf-8") as fh:
+            synth_labels = {r["cod_id"]: r["crystal_system"] for r in csv.DictReader(fh)}
+        synth_keep = [k for k, i in enumerate(synth_pat.ids) if str(i) in synth_labels]
+        synth_y = np.array([synth_labels[str(synth_pat.ids[k])] for k in synth_keep])
+        synth = (synth_pat, synth_keep, synth_y)
+        print(f"+ {len(synth_keep)} synthetic crystals from {a.synth}, training folds only")
+
+    def trees():
+        return ExtraTreesClassifier(500, min_samples_leaf=2, random_state=0, n_jobs=-1)
+
+    peaks = peak_features(pat, keep)
     results: dict[str, dict] = {
         "majority": cross_validate(np.zeros((len(y), 1)), y, groups, lambda: DummyClassifier()),
-        "peaks (extra trees)": cross_validate(
-            peak_features(pat, keep),
-            y,
-            groups,
-            lambda: ExtraTreesClassifier(500, min_samples_leaf=2, random_state=0, n_jobs=-1),
-        ),
+        "peaks (extra trees)": cross_validate(peaks, y, groups, trees),
     }
+    if synth:
+        extra = (peak_features(synth[0], synth[1]), synth[2])
+        results["peaks (extra trees) + synth"] = cross_validate(peaks, y, groups, trees, extra)
     for name, r in results.items():
         report(name, r)
     net = pooled_features(resolve_weights(a.weights, allow_download=False))
@@ -203,6 +226,13 @@ def main() -> None:
             r = cross_validate(X, y, groups, linear_head)
             results[f"{rendering} / {fname}"] = {**r, "render_and_vgg_seconds": round(seconds, 1)}
             report(f"{rendering} / {fname}", r)
+        if synth:  # the training model's pooling only: one more VGG16 pass, over the synthetic crystals
+            synth_images = render_all(synth[0], synth[1], rendering, wavelength)
+            synth_feats = net.predict(synth_images, batch_size=32, verbose=0)
+            x_synth = np.asarray(synth_feats[names.index("block5_pool avg")])
+            r = cross_validate(named["block5_pool avg"], y, groups, linear_head, (x_synth, synth[2]))
+            results[f"{rendering} / block5_pool avg + synth"] = r
+            report(f"{rendering} / block5_pool avg + synth", r)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     summary = {"machine": platform.machine(), "n_structures": len(keep), "head_C": C, "results": results}
     a.out.write_text(json.dumps(summary, indent=2) + "\n")
