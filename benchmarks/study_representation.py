@@ -27,7 +27,9 @@ the training model's ``block5 avg``). Each rendering costs one VGG16 pass over t
 
 ``--synth <a synthesize output, data/synth>`` adds its random crystals to every training fold (never
 to a tested one) for the peak-list peer and for the training model's pooling (block5 average), to see
-whether they lift accuracy on real structures. The simulate output of the full COD run (852 structures) is in DVC's cache; point ``--patterns`` and
+whether they lift accuracy on real structures.
+
+The simulate output of the full COD run (852 structures) is in DVC's cache; point ``--patterns`` and
 ``--split`` at that run's ``data/patterns/patterns.npz`` and ``data/split``.
 """
 
