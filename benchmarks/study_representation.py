@@ -36,7 +36,6 @@ The simulate output of the full COD run (852 structures) is in DVC's cache; poin
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -52,15 +51,17 @@ POOLS = ("block4_pool", "block5_pool")
 C = 0.01
 FOLDS = 5
 SHUFFLES = (0, 1)
+SPLIT_FIELDS = ("cod_id", "group", "crystal_system")
 
 
 def labels_and_groups(split_dir: Path, ids: list[str]) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """Crystal system and compound group per structure from the split lists (any split)."""
+    from xrdvision.split import read_table
+
     rows: dict[str, tuple[str, str]] = {}
     for name in ("train", "val", "test"):
-        with open(split_dir / f"{name}.csv", encoding="utf-8") as fh:
-            for r in csv.DictReader(fh):
-                rows[r["cod_id"]] = (r["group"], r["crystal_system"])
+        for r in read_table(split_dir / f"{name}.csv", SPLIT_FIELDS, f"{name} split list"):
+            rows[r["cod_id"]] = (r["group"], r["crystal_system"])
     keep = [i for i, cod_id in enumerate(ids) if cod_id in rows]
     groups = np.array([rows[ids[i]][0] for i in keep])
     y = np.array([rows[ids[i]][1] for i in keep])
@@ -185,6 +186,7 @@ def main() -> None:
 
     from xrdvision.model import resolve_weights
     from xrdvision.render import load_patterns
+    from xrdvision.split import read_table
 
     pat = load_patterns(a.patterns)
     wavelength = float(np.load(a.patterns)["wavelength"])
@@ -195,8 +197,8 @@ def main() -> None:
     synth = None
     if a.synth:
         synth_pat = load_patterns(a.synth / "patterns" / "patterns.npz")
-        with open(a.synth / "train.csv", encoding="utf-8") as fh:
-            synth_labels = {r["cod_id"]: r["crystal_system"] for r in csv.DictReader(fh)}
+        synth_rows = read_table(a.synth / "train.csv", SPLIT_FIELDS, "synthetic training list")
+        synth_labels = {r["cod_id"]: r["crystal_system"] for r in synth_rows}
         synth_keep = [k for k, i in enumerate(synth_pat.ids) if str(i) in synth_labels]
         synth_y = np.array([synth_labels[str(synth_pat.ids[k])] for k in synth_keep])
         synth = (synth_pat, synth_keep, synth_y)
@@ -242,4 +244,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from xrdvision.errors import XrdVisionError
+
+    try:
+        main()
+    except XrdVisionError as exc:  # a missing split list, a bad patterns file: one line, not a traceback
+        raise SystemExit(f"study_representation: {exc}") from None
