@@ -278,6 +278,7 @@ def test_timeout_stops_a_slow_cif_and_the_batch_goes_on(tmp_path: Path, cod_dir:
         _params(timeout_s=1.0), folder, tmp_path / "out", cache_dir=tmp_path / "cache", progress=False
     )
     assert again["n_computed"] == 0 and again["reasons"] == {"timeout": 1}
+    assert again["slowest"] == [] and "slowest" not in summary_line(again)  # nothing timed this run
 
 
 def test_outputs_hash_the_same_on_every_run(tmp_path: Path, cod_dir: Path, bad_dir: Path) -> None:
