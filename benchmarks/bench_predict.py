@@ -37,8 +37,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src")]
 
-from xrdvision.atomic import write_json  # noqa: E402
 from xrdvision.config import Params  # noqa: E402
+from xrdvision.formats.atomic import write_json  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 
@@ -61,9 +61,9 @@ def sample_patterns(n: int, seed: int) -> list[Path]:
 
 def default_model(params: Params):
     """An ImageNet VGG16 with an untrained 7-class head, as a LoadedModel."""
-    from xrdvision.labels import class_names
-    from xrdvision.model import build_model
-    from xrdvision.predict import LoadedModel
+    from xrdvision.crystal.labels import class_names
+    from xrdvision.models.vgg16 import build_model
+    from xrdvision.serve.predict import LoadedModel
 
     classes = class_names("crystal_system")
     net = build_model(len(classes), params.model, seed=params.seed)
@@ -97,9 +97,9 @@ def gap_study() -> dict:
     from scipy.ndimage import gaussian_filter1d
 
     from xrdvision.config import LabelsParams, SimulateParams
-    from xrdvision.measured import read_pattern, to_training_grid
-    from xrdvision.profile import grid
-    from xrdvision.simulate import simulate_file
+    from xrdvision.crystal.profile import grid
+    from xrdvision.data.simulate import simulate_file
+    from xrdvision.serve.measured import read_pattern, to_training_grid
 
     g = grid(5.0, 90.0, 0.02)
     window = (g >= 6) & (g <= 64)  # RockJock stops at 65 degrees
@@ -151,11 +151,11 @@ def main() -> None:
 
     import tensorflow as tf
 
-    from xrdvision.features import load_image
-    from xrdvision.measured import read_pattern, to_training_grid
-    from xrdvision.predict import Preparer, load_model, predict_files
-    from xrdvision.profile import grid
-    from xrdvision.simulate import simulate_file
+    from xrdvision.crystal.profile import grid
+    from xrdvision.data.simulate import simulate_file
+    from xrdvision.models.features import load_image
+    from xrdvision.serve.measured import read_pattern, to_training_grid
+    from xrdvision.serve.predict import Preparer, load_model, predict_files
 
     params = Params()
     sim = params.simulate

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_simulate.py [--n 60] [--workers 2] [--stock 20]
 
 On the same seeded sample of COD CIFs (stratified over the 7 crystal systems), it times
-(a) ``xrdvision.simulate.simulate_peaks`` (including its own spglib call) and (b) pymatgen's
+(a) ``xrdvision.data.simulate.simulate_peaks`` (including its own spglib call) and (b) pymatgen's
 ``XRDCalculator(wavelength=1.5406).get_pattern`` on the same parsed structure: per-CIF serial medians,
 and patterns/s over ``--workers`` processes (CIF parse + peak list, the way the stage runs). A smaller
 subset also runs stock xrayutilities (``Crystal.fromCIF`` + ``PowderDiffraction(...,
@@ -60,13 +60,13 @@ def _quiet() -> None:
 
 
 def read(path: Path) -> Any:
-    from xrdvision.labels import read_structure
+    from xrdvision.crystal.labels import read_structure
 
     return read_structure(path)
 
 
 def ours(structure: Any) -> tuple[np.ndarray, np.ndarray]:
-    from xrdvision.simulate import simulate_peaks
+    from xrdvision.data.simulate import simulate_peaks
 
     p = simulate_peaks(structure, WAVELENGTH, 5.0, 90.0)
     return p.two_theta, p.intensity
@@ -123,7 +123,7 @@ def _warm(_: int) -> int:
     import pymatgen.analysis.diffraction.xrd  # noqa: F401
     import xrayutilities  # noqa: F401
 
-    from xrdvision import simulate  # noqa: F401
+    from xrdvision.data import simulate  # noqa: F401
 
     return os.getpid()
 
@@ -140,7 +140,7 @@ def throughput(fn: Any, paths: list[Path], workers: int) -> float:
 
 
 def _merge(tt: np.ndarray, inten: np.ndarray, tol: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
-    from xrdvision.simulate import merge_lines
+    from xrdvision.data.simulate import merge_lines
 
     t, i, _ = merge_lines(tt.astype(float), inten.astype(float), np.zeros((tt.size, 3), int), tol)
     return t, i / i.max()
@@ -259,7 +259,7 @@ def main() -> None:
         f"{ag['top10_intensity_corr_min']:.4f}, median {ag['top10_intensity_corr_median']:.5f}"
     )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    from xrdvision.atomic import write_json
+    from xrdvision.formats.atomic import write_json
 
     write_json(RESULTS, res)
     print(f"wrote {RESULTS.relative_to(ROOT)}")

@@ -49,7 +49,7 @@ def bench(n: int, trainable_conv: int, epochs: int, batch_size: int) -> dict:
     import keras
 
     from xrdvision.config import ModelParams
-    from xrdvision.model import build_model, compile_tail, resolve_weights
+    from xrdvision.models.vgg16 import build_model, compile_tail, resolve_weights
 
     x = synthetic_images(n)
     y = keras.utils.to_categorical(np.arange(n) % 7, 7)

@@ -56,7 +56,7 @@ SPLIT_FIELDS = ("cod_id", "group", "crystal_system")
 
 def labels_and_groups(split_dir: Path, ids: list[str]) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """Crystal system and compound group per structure from the split lists (any split)."""
-    from xrdvision.split import read_table
+    from xrdvision.formats.tables import read_table
 
     rows: dict[str, tuple[str, str]] = {}
     for name in ("train", "val", "test"):
@@ -75,7 +75,7 @@ def first_line_inverse_d(pat, k: int) -> float:
 
 
 def render_all(pat, keep: list[int], rendering: str, wavelength: float) -> np.ndarray:
-    from xrdvision.render import Renderer
+    from xrdvision.data.render import Renderer
 
     tt = np.asarray(pat.two_theta, np.float64)
     inv_d = 2.0 * np.sin(np.radians(tt) / 2.0) / wavelength
@@ -106,7 +106,7 @@ def render_all(pat, keep: list[int], rendering: str, wavelength: float) -> np.nd
 def pooled_features(weights: Path) -> object:
     import keras
 
-    from xrdvision.model import vgg_preprocess_layer
+    from xrdvision.models.vgg16 import vgg_preprocess_layer
 
     base = keras.applications.VGG16(weights=str(weights), include_top=False, input_shape=(224, 224, 3))
     inp = keras.Input((224, 224, 3))
@@ -184,9 +184,9 @@ def main() -> None:
     from sklearn.dummy import DummyClassifier
     from sklearn.ensemble import ExtraTreesClassifier
 
-    from xrdvision.model import resolve_weights
-    from xrdvision.render import load_patterns
-    from xrdvision.split import read_table
+    from xrdvision.data.render import load_patterns
+    from xrdvision.formats.tables import read_table
+    from xrdvision.models.vgg16 import resolve_weights
 
     pat = load_patterns(a.patterns)
     wavelength = float(np.load(a.patterns)["wavelength"])

@@ -1,7 +1,7 @@
 """Test data: a real ``patterns.npz`` + ``manifest.csv`` (docs/dataflow.md format) from real COD CIFs.
 
 Built with pymatgen's ``XRDCalculator`` (real kinematic diffraction, K-alpha1 peak list) and
-``SpacegroupAnalyzer`` labels, independently of ``xrdvision.simulate``, so the render and split tests
+``SpacegroupAnalyzer`` labels, independently of ``xrdvision.data.simulate``, so the render and split tests
 do not depend on that stage's code, only on the file contract between the stages.
 """
 
@@ -17,8 +17,8 @@ from pymatgen.io.cif import CifParser
 from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
 from xrdvision.config import SimulateParams
-from xrdvision.profile import grid, profile_pattern
-from xrdvision.simulate import MANIFEST_COLUMNS  # the file contract; the physics here is pymatgen's
+from xrdvision.crystal.profile import grid, profile_pattern
+from xrdvision.data.simulate import MANIFEST_COLUMNS  # the file contract; the physics here is pymatgen's
 
 # Small cells (fast to simulate) from ../shared/cod/INDEX.csv; 1000017 and 1000032 are both corundum
 # (Al2O3, R-3c): one compound group, which the split must keep together.

@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from xrdvision.atomic import atomic_dir, atomic_open, write_json
+from xrdvision.formats.atomic import atomic_dir, atomic_open, write_json
 
 
 def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):

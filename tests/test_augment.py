@@ -11,8 +11,10 @@ import pytest
 from pymatgen.io.cif import CifParser
 
 from helpers_patterns import peak_list
-from xrdvision.augment import augment_pattern, augment_peaks, bragg_two_theta, copy_rng, id_key
-from xrdvision.config import CU_KA1, AugmentParams, SimulateParams
+from xrdvision.config import AugmentParams, SimulateParams
+from xrdvision.crystal.bragg import CU_KA1
+from xrdvision.crystal.bragg import two_theta as bragg_two_theta
+from xrdvision.data.augment import augment_pattern, augment_peaks, copy_rng, id_key
 
 NONE = AugmentParams(intensity_jitter=0.0, zero_shift=0.0, strain=0.0, fwhm_range=[0.1, 0.1], steps=[0.02])
 

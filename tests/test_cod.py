@@ -20,7 +20,9 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from conftest import COD_DIR, EMBEDDED_DIR
-from xrdvision.cod import (
+from xrdvision.config import parse_params
+from xrdvision.crystal.systems import CRYSTAL_SYSTEMS
+from xrdvision.data.ingest import (
     EMBEDDED_EXCLUDED,
     USER_AGENT,
     CodClient,
@@ -31,7 +33,6 @@ from xrdvision.cod import (
     run_ingest,
     select_sample,
 )
-from xrdvision.config import CRYSTAL_SYSTEMS, parse_params
 from xrdvision.errors import InputError, XrdVisionError
 
 # Small, quick files from ../shared/cod (all parse; all are plain COD entries named <id>.cif).

@@ -9,9 +9,7 @@ from pathlib import Path
 import pytest
 from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
-from xrdvision.config import CRYSTAL_SYSTEMS
-from xrdvision.errors import InputError
-from xrdvision.labels import (
+from xrdvision.crystal.labels import (
     Labels,
     class_names,
     declared_space_group,
@@ -19,6 +17,8 @@ from xrdvision.labels import (
     label_value,
     read_structure,
 )
+from xrdvision.crystal.systems import CRYSTAL_SYSTEMS
+from xrdvision.errors import InputError
 
 
 def _index(cod_dir: Path) -> dict[str, dict[str, str]]:

@@ -11,18 +11,18 @@ import numpy as np
 import pytest
 
 from conftest import EXPERIMENTAL_DIR
-from xrdvision.config import CU_KA1, SimulateParams
+from xrdvision.config import SimulateParams
+from xrdvision.crystal.bragg import CU_KA1, convert_wavelength
+from xrdvision.crystal.profile import grid
 from xrdvision.errors import InputError
-from xrdvision.measured import (
+from xrdvision.serve.measured import (
     MIN_POINTS,
-    convert_wavelength,
     measured_range,
     read_pattern,
     snip_background,
     source_wavelength,
     to_training_grid,
 )
-from xrdvision.profile import grid
 
 SIM = SimulateParams()
 GRID = grid(SIM.two_theta_min, SIM.two_theta_max, SIM.step)

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from conftest import WEIGHTS
-from xrdvision import model as xm
 from xrdvision.config import ModelParams
 from xrdvision.errors import XrdVisionError
+from xrdvision.models import vgg16 as xm
 
 
 @pytest.mark.parametrize(

@@ -62,9 +62,9 @@ def _params(root: Path):
 def _build_training_set(root: Path, params) -> dict[str, str]:
     """Simulate + render real CIFs exactly as the simulate and render stages do; write the split lists.
     Returns {cod_id: image path} of the training images."""
-    from xrdvision.profile import grid
-    from xrdvision.render import Renderer, image_name
-    from xrdvision.simulate import simulate_file
+    from xrdvision.crystal.profile import grid
+    from xrdvision.data.render import Renderer, image_name
+    from xrdvision.data.simulate import simulate_file
 
     sim = params.simulate
     g = grid(sim.two_theta_min, sim.two_theta_max, sim.step)
@@ -108,8 +108,8 @@ def _build_training_set(root: Path, params) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A real tiny model: features + train on rendered real CIFs, registered as challenger v1."""
-    from xrdvision.features import run_features
-    from xrdvision.train import run_train
+    from xrdvision.models.features import run_features
+    from xrdvision.models.train import run_train
 
     root = tmp_path_factory.mktemp("predict")
     with pytest.MonkeyPatch.context() as mp:
@@ -133,7 +133,7 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(trained):
-    from xrdvision.predict import load_model
+    from xrdvision.serve.predict import load_model
 
     return load_model(trained.params, f"models:/{NAME}@challenger")
 
@@ -141,7 +141,7 @@ def loaded(trained):
 @pytest.fixture(scope="module")
 def inputs(trained, tmp_path_factory):
     """Good and bad files, in the order they are predicted."""
-    from xrdvision.features import load_image
+    from xrdvision.models.features import load_image
 
     d = tmp_path_factory.mktemp("inputs")
     cod_id, png = next(iter(trained.train_images.items()))
@@ -171,7 +171,7 @@ def inputs(trained, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def mixed(trained, loaded, inputs):
-    from xrdvision.predict import predict_files
+    from xrdvision.serve.predict import predict_files
 
     preds = predict_files(list(inputs.values()), trained.params, model=loaded, top_k=3, batch_size=4)
     return dict(zip(inputs, preds, strict=True))
@@ -220,7 +220,7 @@ def test_cif_is_simulated_and_rendered_exactly_as_in_training(mixed, trained, in
 
 
 def test_batching_does_not_change_results(trained, loaded, inputs, mixed):
-    from xrdvision.predict import predict_files
+    from xrdvision.serve.predict import predict_files
 
     keys = ["rockjock", "empty", "unseen_cif", "rruff"]
     one_by_one = predict_files([inputs[k] for k in keys], trained.params, model=loaded, batch_size=1)
@@ -232,7 +232,7 @@ def test_batching_does_not_change_results(trained, loaded, inputs, mixed):
 
 
 def test_measured_pattern_notes_and_wavelength_option(trained, loaded, mixed):
-    from xrdvision.predict import Preparer, predict_files
+    from xrdvision.serve.predict import Preparer, predict_files
 
     assert mixed["rockjock"].notes[0] == "wavelength 1.5418 A (file)"
     (co,) = predict_files([ROCKJOCK], trained.params, model=loaded, wavelength=1.7902)
@@ -247,7 +247,7 @@ def test_measured_pattern_notes_and_wavelength_option(trained, loaded, mixed):
 
 
 def test_output_formats(mixed, inputs):
-    from xrdvision.predict import format_table, to_csv, to_json
+    from xrdvision.serve.predict import format_table, to_csv, to_json
 
     preds = list(mixed.values())
     table = format_table(preds).splitlines()
@@ -283,8 +283,8 @@ def test_output_formats(mixed, inputs):
 def test_model_uri_forms_give_the_same_model(trained, loaded, inputs):
     """Alias, version, run URI, the DVC models folder and the .keras file: one model, five doors; the
     class list comes from the version tag, the MLflow metadata or classes.json."""
-    from xrdvision.features import load_image
-    from xrdvision.predict import load_model
+    from xrdvision.models.features import load_image
+    from xrdvision.serve.predict import load_model
 
     x = load_image(inputs["train_png"])[None]
     ref = loaded.predict(x)
@@ -308,7 +308,7 @@ def test_model_uri_forms_give_the_same_model(trained, loaded, inputs):
 def test_default_is_champion_and_a_missing_alias_says_what_exists(trained):
     import mlflow
 
-    from xrdvision.predict import default_model_uri, load_model
+    from xrdvision.serve.predict import default_model_uri, load_model
 
     params = trained.params
     assert default_model_uri(params) == f"models:/{NAME}@champion"
@@ -328,7 +328,7 @@ def test_default_is_champion_and_a_missing_alias_says_what_exists(trained):
 
 
 def test_image_settings_differing_from_training_are_warned(trained, loaded, mixed):
-    from xrdvision.predict import format_table, load_model, to_json
+    from xrdvision.serve.predict import format_table, load_model, to_json
 
     assert loaded.warnings == [] and mixed["rruff"].warnings == []
     changed = replace(trained.params, simulate=replace(trained.params.simulate, step=0.01, kalpha2=True))
@@ -343,7 +343,7 @@ def test_image_settings_differing_from_training_are_warned(trained, loaded, mixe
 
 
 def test_bad_model_references(trained, tmp_path):
-    from xrdvision.predict import load_model
+    from xrdvision.serve.predict import load_model
 
     params = trained.params
     with pytest.raises(XrdVisionError, match=r"models:/nope@champion: no registered model 'nope'"):
@@ -398,7 +398,7 @@ def _subset_folder(root: Path) -> Path:
 def test_evaluate_measured_on_real_patterns(trained, loaded, tmp_path):
     import mlflow
 
-    from xrdvision.predict import predict_files, run_evaluate_measured
+    from xrdvision.serve.predict import predict_files, run_evaluate_measured
 
     folder = _subset_folder(tmp_path)
     params = replace(trained.params, measured=replace(trained.params.measured, folder=str(folder)))
@@ -454,7 +454,7 @@ def test_evaluate_measured_on_real_patterns(trained, loaded, tmp_path):
 
 
 def test_evaluate_measured_skipped_without_a_folder(trained, tmp_path):
-    from xrdvision.predict import run_evaluate_measured
+    from xrdvision.serve.predict import run_evaluate_measured
 
     # the model is not even looked at: a path that does not exist is fine here
     empty = replace(trained.params, measured=replace(trained.params.measured, folder=""))
@@ -469,7 +469,7 @@ def test_evaluate_measured_skipped_without_a_folder(trained, tmp_path):
 
 
 def test_serving_payload_is_the_predicted_image(trained, inputs):
-    from xrdvision.predict import Preparer, serving_payload
+    from xrdvision.serve.predict import Preparer, serving_payload
 
     payload = serving_payload(inputs["unseen_cif"], trained.params)
     x = np.asarray(payload["inputs"], dtype=np.float32)
@@ -489,7 +489,7 @@ def _free_port() -> int:
 def test_mlflow_models_serve_answers_like_predict(trained, mixed, inputs):
     """The registered challenger served by `mlflow models serve` on 127.0.0.1 scores a CIF's image
     as predict_files does (~15 s: the server imports TensorFlow and loads the model)."""
-    from xrdvision.predict import serving_payload
+    from xrdvision.serve.predict import serving_payload
 
     port = _free_port()
     env = {

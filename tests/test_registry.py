@@ -51,9 +51,9 @@ def work(tmp_path, monkeypatch) -> Path:
 def _client(p):
     import mlflow
 
-    from xrdvision import tracking
+    from xrdvision.tracking import runs
 
-    tracking.setup(p.mlflow)
+    runs.setup(p.mlflow)
     return mlflow.MlflowClient()
 
 
@@ -61,14 +61,14 @@ def _register(p, tiny: Path, work: Path, trained: bool) -> str:
     """Train (or not) a tail, then log + register it as the train stage does; returns the version."""
     import mlflow
 
-    from xrdvision import tracking
-    from xrdvision.features import load_features
-    from xrdvision.labels import class_names
-    from xrdvision.model import build_model, resolve_weights
-    from xrdvision.train import fit_tail, log_and_register
+    from xrdvision.crystal.labels import class_names
+    from xrdvision.models.features import load_features
+    from xrdvision.models.train import fit_tail, log_and_register
+    from xrdvision.models.vgg16 import build_model, resolve_weights
+    from xrdvision.tracking import runs
 
-    tracking.setup(p.mlflow)
-    tracking.use_experiment(p.mlflow)
+    runs.setup(p.mlflow)
+    runs.use_experiment(p.mlflow)
     classes = class_names("crystal_system")
     (work / "classes.json").write_text(json.dumps({"mode": "crystal_system", "classes": classes}))
     with mlflow.start_run():
@@ -88,8 +88,8 @@ def _aliases(client, name: str = NAME) -> dict[str, str]:
 
 @pytest.mark.slow  # ~60 s on 2 cores: five contests, each loading and running two VGG16 models
 def test_promotion_both_ways_with_real_models(tiny, work):
-    from xrdvision.features import run_features
-    from xrdvision.registry import format_models_table, list_models, promote
+    from xrdvision.models.features import run_features
+    from xrdvision.tracking.registry import format_models_table, list_models, promote
 
     p = _params(work)
     run_features(p, tiny / "data/split", tiny / "data/images", work / "data/features")
@@ -166,7 +166,7 @@ def test_promotion_both_ways_with_real_models(tiny, work):
 
 
 def test_decision_rule():
-    from xrdvision.registry import decide, is_better
+    from xrdvision.tracking.registry import decide, is_better
 
     assert is_better(0.8, 0.7, "accuracy") and not is_better(0.7, 0.8, "accuracy")
     assert is_better(0.3, 0.5, "loss") and not is_better(0.5, 0.3, "loss")
@@ -189,7 +189,7 @@ def _bare_registry(p, name: str, versions: int):
 
 
 def test_missing_challenger_is_one_line_and_changes_nothing(tiny, store, request):
-    from xrdvision.registry import list_models, promote
+    from xrdvision.tracking.registry import list_models, promote
 
     p, name = _quick_params(store, request)
     client = _bare_registry(p, name, 2)
@@ -204,7 +204,7 @@ def test_missing_challenger_is_one_line_and_changes_nothing(tiny, store, request
 
 
 def test_unloadable_challenger_is_one_line_and_changes_nothing(tiny, store, request):
-    from xrdvision.registry import promote
+    from xrdvision.tracking.registry import promote
 
     p, name = _quick_params(store, request)
     client = _bare_registry(p, name, 2)
@@ -218,7 +218,7 @@ def test_unloadable_challenger_is_one_line_and_changes_nothing(tiny, store, requ
 
 @pytest.mark.parametrize("old_champion", ["1", None])
 def test_alias_is_put_back_when_the_record_cannot_be_written(store, request, monkeypatch, old_champion):
-    from xrdvision.registry import record_decision
+    from xrdvision.tracking.registry import record_decision
 
     p, name = _quick_params(store, request)
     client = _bare_registry(p, name, 2)
@@ -251,7 +251,7 @@ def test_alias_is_put_back_when_the_record_cannot_be_written(store, request, mon
 
 
 def test_list_models_reads_real_test_tags(store, request):
-    from xrdvision.registry import format_models_table, list_models
+    from xrdvision.tracking.registry import format_models_table, list_models
 
     p, name = _quick_params(store, request)
     client = _bare_registry(p, name, 1)

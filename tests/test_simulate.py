@@ -15,11 +15,11 @@ import pytest
 import xrayutilities as xu
 from pymatgen.analysis.diffraction.xrd import XRDCalculator
 
-import xrdvision.simulate as simulate
-from xrdvision.config import CU_KA2, LabelsParams, Params, SimulateParams
-from xrdvision.errors import InputError
-from xrdvision.labels import read_structure
-from xrdvision.simulate import (
+import xrdvision.data.simulate as simulate
+from xrdvision.config import LabelsParams, Params, SimulateParams
+from xrdvision.crystal.bragg import CU_KA2
+from xrdvision.crystal.labels import read_structure
+from xrdvision.data.simulate import (
     NO_REFLECTIONS,
     merge_lines,
     reason_group,
@@ -28,6 +28,7 @@ from xrdvision.simulate import (
     simulate_peaks,
     summary_line,
 )
+from xrdvision.errors import InputError
 
 # Various systems: NaCl, Si, alpha-Fe (cubic); corundum, quartz (trigonal); graphite-like C (hexagonal);
 # aragonite-like CaCO3 (orthorhombic); organic P2_1/c and Hg complex (monoclinic); two organic P-1.

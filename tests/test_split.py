@@ -10,10 +10,11 @@ from collections import Counter, defaultdict
 import pytest
 
 from helpers_patterns import MANIFEST_COLUMNS, SMALL_CIFS, build_patterns, index_rows
-from xrdvision.config import CRYSTAL_SYSTEMS, AugmentParams, Params, RenderParams, SplitParams
+from xrdvision.config import AugmentParams, Params, RenderParams, SplitParams
+from xrdvision.crystal.systems import CRYSTAL_SYSTEMS
+from xrdvision.data.render import run_render
+from xrdvision.data.split import SPLIT_COLUMNS, assign_splits, compound_groups, run_split
 from xrdvision.errors import InputError
-from xrdvision.render import run_render
-from xrdvision.split import SPLIT_COLUMNS, assign_splits, compound_groups, run_split
 
 FRACTIONS = {"train": 0.7, "val": 0.2, "test": 0.1}
 

@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 from conftest import EMBEDDED_DIR
-from xrdvision.config import CRYSTAL_SYSTEMS as SYSTEMS
 from xrdvision.config import parse_params
-from xrdvision.labels import analyse_symmetry
-from xrdvision.synth import (
+from xrdvision.crystal.labels import analyse_symmetry
+from xrdvision.crystal.systems import CRYSTAL_SYSTEMS as SYSTEMS
+from xrdvision.data.synthesize import (
     crystal_system_of,
     draw_stoichiometry,
     element_sets,
@@ -144,7 +144,7 @@ def test_rich_chemistry_is_cut_to_max_species_not_dropped(tmp_path):
     random subset of its elements (COD is mostly C-H-N-O + metals: dropping those skews the chemistry)."""
     from pymatgen.core import Structure
 
-    from xrdvision.synth import generate_cifs
+    from xrdvision.data.synthesize import generate_cifs
 
     train = [{"cod_id": "1", "space_group": "14"}, {"cod_id": "2", "space_group": "225"}]
     manifest = [{"cod_id": "1", "formula": "Cu2 P4 H60 C58 I2 N4"}, {"cod_id": "2", "formula": "Na4 Cl4"}]

@@ -34,9 +34,9 @@ _params = tiny_params
 def test_features_train_evaluate_track_and_register(workdir):
     import mlflow
 
-    from xrdvision.evaluate import run_evaluate
-    from xrdvision.features import load_features, run_features
-    from xrdvision.train import run_train
+    from xrdvision.models.evaluate import run_evaluate
+    from xrdvision.models.features import load_features, run_features
+    from xrdvision.models.train import run_train
 
     p = _params(workdir)
     s = run_features(p, Path("data/split"), Path("data/images"), Path("data/features"))
@@ -90,7 +90,7 @@ def test_features_train_evaluate_track_and_register(workdir):
     # The registered model predicts like the saved one.
     loaded = mlflow.keras.load_model("models:/xrdvision-crystal-system@challenger")
     x = np.stack([peak_image(0, 3), peak_image(2, 3)]).astype(np.float32)
-    from xrdvision.model import load_full_model
+    from xrdvision.models.vgg16 import load_full_model
 
     np.testing.assert_allclose(
         loaded.predict(x, verbose=0),
@@ -101,7 +101,7 @@ def test_features_train_evaluate_track_and_register(workdir):
 
 
 def test_unreachable_mlflow_server_fails_before_training(workdir):
-    from xrdvision.train import run_train
+    from xrdvision.models.train import run_train
 
     p = _params(workdir, mlflow={"tracking_uri": "http://127.0.0.1:9"})
     with pytest.raises(XrdVisionError, match=r"http://127.0.0.1:9: MLflow tracking store not reachable"):
@@ -114,22 +114,22 @@ def test_unreachable_mlflow_server_fails_before_training(workdir):
 def test_tracking_setup_leaves_the_users_environment_alone(tmp_path, monkeypatch):
     """MLflow 3's set_tracking_uri exports MLFLOW_TRACKING_URI; if it stayed, a second setup in the same
     process with other params (a notebook, the test suite) would silently log to the first store."""
-    from xrdvision import tracking
     from xrdvision.config import MlflowParams
+    from xrdvision.tracking import runs
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     first, second = (f"sqlite:///{tmp_path}/{n}/mlflow.db" for n in ("a", "b"))
-    assert tracking.setup(MlflowParams(tracking_uri=first)) == first
+    assert runs.setup(MlflowParams(tracking_uri=first)) == first
     assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
-    assert tracking.setup(MlflowParams(tracking_uri=second)) == second
+    assert runs.setup(MlflowParams(tracking_uri=second)) == second
     monkeypatch.setenv("MLFLOW_TRACKING_URI", first)  # the user's own choice still wins over params
-    assert tracking.setup(MlflowParams(tracking_uri=second)) == first
+    assert runs.setup(MlflowParams(tracking_uri=second)) == first
     assert os.environ["MLFLOW_TRACKING_URI"] == first
 
 
 def test_class_missing_from_training_is_an_error(workdir):
-    from xrdvision.train import check_class_coverage
+    from xrdvision.models.train import check_class_coverage
 
     classes = ["a", "b", "c"]
     with pytest.raises(XrdVisionError, match=r"val split has classes with no training images: c"):
@@ -138,8 +138,8 @@ def test_class_missing_from_training_is_an_error(workdir):
 
 
 def test_corrupt_png_is_reported_and_skipped(workdir, capsys):
-    from xrdvision.features import compute_features
-    from xrdvision.model import build_model
+    from xrdvision.models.features import compute_features
+    from xrdvision.models.vgg16 import build_model
 
     Path("data/images/bad.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     net = build_model(3, _params(workdir).model, weights=None)
@@ -152,7 +152,7 @@ def test_corrupt_png_is_reported_and_skipped(workdir, capsys):
 
 def test_synthetic_images_join_the_train_split_only(workdir):
     """The synthesize stage's list adds images to train; val and test stay the real split lists."""
-    from xrdvision.features import load_features, run_features
+    from xrdvision.models.features import load_features, run_features
 
     synth = workdir / "data" / "synth"
     (synth / "images").mkdir(parents=True)

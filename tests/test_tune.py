@@ -28,7 +28,7 @@ _params = tune_params
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     """Tiny images, split lists and block5_pool features, made once for the module (read-only)."""
-    from xrdvision.features import run_features
+    from xrdvision.models.features import run_features
 
     root = tmp_path_factory.mktemp("tiny")
     make_split_data(root)
@@ -45,7 +45,7 @@ def work(tmp_path, monkeypatch) -> Path:
 
 
 def _run(tiny: Path, work: Path, p, **kw):
-    from xrdvision.tune import run_tune
+    from xrdvision.models.tune import run_tune
 
     return run_tune(
         p,
@@ -65,7 +65,7 @@ def test_study_nested_runs_pruning_best_params_and_resume(tiny, work, capsys):
     import mlflow
     import optuna
 
-    from xrdvision.tune import format_summary
+    from xrdvision.models.tune import format_summary
 
     p = _params(work)
     # Trial 0: the params.yaml recipe (baseline), 1: a good recipe, 2: a hopeless one (lr 1e-5), which
@@ -204,7 +204,7 @@ def test_study_with_other_direction_or_foreign_study_is_an_error(tiny, work):
 
 def test_search_space_round_trip_and_validation():
     from xrdvision.config import TuneParams
-    from xrdvision.tune import (
+    from xrdvision.models.tune import (
         apply_overrides,
         conv_choices,
         dvc_set_args,
@@ -252,7 +252,7 @@ def test_search_space_round_trip_and_validation():
 
 
 def test_apply_best_params_keeps_comments_and_validates(work):
-    from xrdvision.tune import apply_best_params, write_best_params
+    from xrdvision.models.tune import apply_best_params, write_best_params
 
     params_file = work / "params.yaml"
     params_file.write_text((ROOT / "params.yaml").read_text())
@@ -289,9 +289,9 @@ def test_apply_best_params_keeps_comments_and_validates(work):
 def test_deeper_cut_derived_from_cached_features_is_exact(tiny, work):
     """block4_pool features + VGG16's block 5 = block5_pool features computed from the images."""
     from xrdvision.config import ModelParams
-    from xrdvision.features import compute_features, load_features
-    from xrdvision.model import build_model, resolve_weights
-    from xrdvision.tune import derive_features
+    from xrdvision.models.features import compute_features, load_features
+    from xrdvision.models.tune import derive_features
+    from xrdvision.models.vgg16 import build_model, resolve_weights
 
     weights = resolve_weights()
     paths = [tiny / "data/images" / f"{i}_0.png" for i in (0, 7, 14)]
@@ -307,9 +307,9 @@ def test_deeper_cut_derived_from_cached_features_is_exact(tiny, work):
 
 
 def test_shallower_cut_is_computed_from_the_images_once_and_cached(tiny, work):
-    from xrdvision.features import load_features
-    from xrdvision.model import resolve_weights
-    from xrdvision.tune import DepthFeatures
+    from xrdvision.models.features import load_features
+    from xrdvision.models.tune import DepthFeatures
+    from xrdvision.models.vgg16 import resolve_weights
 
     base = {s: load_features(tiny / f"data/features/{s}.npz") for s in ("train", "val")}
     dtf = DepthFeatures(_params(work), base, tiny / "data/images", work / "cache", resolve_weights())
@@ -332,7 +332,7 @@ def test_plots_and_trials_csv_for_a_one_trial_study(work):
     """With too few trials Optuna draws equal importances (PED-ANOVA warns); the files still exist."""
     import optuna
 
-    from xrdvision.tune import log_study_plots
+    from xrdvision.models.tune import log_study_plots
 
     study = optuna.create_study()
     study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)

@@ -27,7 +27,7 @@ def _fmt_reasons(reasons: dict) -> str:
 
 
 def cmd_ingest(p: Params, a: argparse.Namespace) -> None:
-    from xrdvision.cod import run_ingest
+    from xrdvision.data.ingest import run_ingest
 
     s = run_ingest(p, Path(a.out), Path(a.report))
     print(
@@ -38,21 +38,21 @@ def cmd_ingest(p: Params, a: argparse.Namespace) -> None:
 
 
 def cmd_simulate(p: Params, a: argparse.Namespace) -> None:
-    from xrdvision.simulate import run_simulate, summary_line
+    from xrdvision.data.simulate import run_simulate, summary_line
 
     s = run_simulate(p, Path(a.cifs), Path(a.out))
     print(f"{summary_line(s)}; manifest: {Path(a.out) / 'manifest.csv'}")
 
 
 def cmd_render(p: Params, a: argparse.Namespace) -> None:
-    from xrdvision.render import run_render
+    from xrdvision.data.render import run_render
 
     s = run_render(p, Path(a.patterns), Path(a.out))
     print(f"render: {s['n_images']} images of {s['n_structures']} structures in {s.get('seconds', 0):.0f} s")
 
 
 def cmd_split(p: Params, a: argparse.Namespace) -> None:
-    from xrdvision.split import run_split
+    from xrdvision.data.split import run_split
 
     s = run_split(p, Path(a.manifest), Path(a.images), Path(a.out))
     parts = ", ".join(
@@ -62,7 +62,7 @@ def cmd_split(p: Params, a: argparse.Namespace) -> None:
 
 
 def cmd_synthesize(p: Params, a: argparse.Namespace) -> None:
-    from xrdvision.synth import run_synthesize
+    from xrdvision.data.synthesize import run_synthesize
 
     s = run_synthesize(p, Path(a.split), Path(a.manifest), Path(a.out))
     if not s["per_system"]:
@@ -77,7 +77,7 @@ def cmd_synthesize(p: Params, a: argparse.Namespace) -> None:
 
 
 def cmd_features(p: Params, a: argparse.Namespace) -> None:
-    from xrdvision.features import run_features
+    from xrdvision.models.features import run_features
 
     s = run_features(p, Path(a.split), Path(a.images), Path(a.out), Path(a.synth) if a.synth else None)
     sizes = ", ".join(f"{k} {v['n_images']}" for k, v in s["splits"].items())
@@ -88,7 +88,7 @@ def cmd_features(p: Params, a: argparse.Namespace) -> None:
 
 
 def cmd_train(p: Params, a: argparse.Namespace) -> None:
-    from xrdvision.train import run_train
+    from xrdvision.models.train import run_train
 
     s = run_train(p, Path(a.features), Path(a.models), Path(a.metrics), Path(a.history))
     print(
@@ -98,7 +98,7 @@ def cmd_train(p: Params, a: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(p: Params, a: argparse.Namespace) -> None:
-    from xrdvision.evaluate import run_evaluate
+    from xrdvision.models.evaluate import run_evaluate
 
     m = run_evaluate(
         p,
@@ -118,7 +118,7 @@ def cmd_evaluate(p: Params, a: argparse.Namespace) -> None:
 
 
 def cmd_tune(p: Params, a: argparse.Namespace) -> None:
-    from xrdvision.tune import apply_best_params, format_summary, run_tune
+    from xrdvision.models.tune import apply_best_params, format_summary, run_tune
 
     if a.apply:
         changed = apply_best_params(Path(a.out), Path(a.params))
@@ -129,19 +129,19 @@ def cmd_tune(p: Params, a: argparse.Namespace) -> None:
 
 
 def cmd_promote(p: Params, a: argparse.Namespace) -> None:
-    from xrdvision.registry import promote
+    from xrdvision.tracking.registry import promote
 
     print(promote(p, force=a.force, split_dir=Path(a.split), image_dir=Path(a.images))["line"])
 
 
 def cmd_models(p: Params, a: argparse.Namespace) -> None:
-    from xrdvision.registry import format_models_table, list_models
+    from xrdvision.tracking.registry import format_models_table, list_models
 
     print(format_models_table(list_models(p)))
 
 
 def cmd_predict(p: Params, a: argparse.Namespace) -> int:
-    from xrdvision.predict import format_table, predict_files, to_csv, to_json
+    from xrdvision.serve.predict import format_table, predict_files, to_csv, to_json
 
     preds = predict_files(
         a.files, p, a.model, top_k=a.top_k, batch_size=a.batch_size, wavelength=a.wavelength
@@ -155,7 +155,7 @@ def cmd_predict(p: Params, a: argparse.Namespace) -> int:
 
 
 def cmd_evaluate_measured(p: Params, a: argparse.Namespace) -> None:
-    from xrdvision.predict import run_evaluate_measured
+    from xrdvision.serve.predict import run_evaluate_measured
 
     m = run_evaluate_measured(p, a.models, Path(a.metrics), Path(a.out))
     if m.get("skipped"):

@@ -20,19 +20,8 @@ from typing import Any, Literal
 
 import yaml
 
+from xrdvision.crystal.bragg import CU_KA1
 from xrdvision.errors import ConfigError
-
-CU_KA1 = 1.5406  # Angstrom, the wavelength the model is trained on
-CU_KA2 = 1.54439  # Angstrom; K-alpha2 has half the intensity of K-alpha1
-CRYSTAL_SYSTEMS = (
-    "triclinic",
-    "monoclinic",
-    "orthorhombic",
-    "tetragonal",
-    "trigonal",
-    "hexagonal",
-    "cubic",
-)
 
 
 @dataclass(frozen=True)

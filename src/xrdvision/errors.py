@@ -24,3 +24,14 @@ class InputError(XrdVisionError):
         self.path = str(path)
         self.reason = " ".join(str(reason).split())  # keep it to one line
         super().__init__(f"{self.path}: {self.reason}")
+
+
+def one_line(exc: BaseException) -> str:
+    """An unexpected exception as one line: ``"<Type>: <first line of its message>"``.
+
+    The one home of how a failure that is not an :class:`XrdVisionError` is reported (a simulate
+    manifest's ``reason``, a registry lookup that failed): the type says what broke, the first line why.
+    """
+    text = str(exc).strip()
+    first = text.splitlines()[0].strip() if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__

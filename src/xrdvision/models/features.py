@@ -8,30 +8,17 @@ and ``model.trainable_conv``: change the frozen depth and DVC recomputes it.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from xrdvision.atomic import atomic_path, write_json
 from xrdvision.config import Params
 from xrdvision.errors import InputError, XrdVisionError
+from xrdvision.formats.atomic import atomic_path, write_json
+from xrdvision.formats.tables import read_split
 
 SPLITS = ("train", "val", "test")
-
-
-def read_split(path: Path) -> list[dict[str, str]]:
-    """Rows of a split list (``image, cod_id, group, crystal_system, space_group``)."""
-    try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            rows = list(csv.DictReader(fh))
-    except FileNotFoundError:
-        raise XrdVisionError(f"{path}: split list not found (run `dvc repro split` first)") from None
-    need = {"image", "cod_id", "crystal_system", "space_group"}
-    if rows and not need <= set(rows[0]):
-        raise InputError(path, f"missing columns {sorted(need - set(rows[0]))}")
-    return rows
 
 
 def load_image(path: Path, size: int = 224) -> np.ndarray:
@@ -88,8 +75,8 @@ def run_features(
     ``synth_dir`` (the synthesize stage's output) adds its random-crystal images to the *train* split
     only, named ``synth/<file>``; validation and test are the real structures of the split lists.
     """
-    from xrdvision.model import build_model, resolve_weights, weights_fingerprint
-    from xrdvision.synth import read_synth_train
+    from xrdvision.data.synthesize import read_synth_train
+    from xrdvision.models.vgg16 import build_model, resolve_weights, weights_fingerprint
 
     lists = {s: read_split(Path(split_dir) / f"{s}.csv") for s in SPLITS}
     for s, rows in lists.items():

@@ -32,9 +32,12 @@ import requests
 from tqdm import tqdm
 
 from xrdvision import __version__
-from xrdvision.atomic import atomic_dir, atomic_open, atomic_path
-from xrdvision.config import CRYSTAL_SYSTEMS, CU_KA1, Params
+from xrdvision.config import Params
+from xrdvision.crystal.bragg import CU_KA1
+from xrdvision.crystal.systems import CRYSTAL_SYSTEMS
 from xrdvision.errors import InputError, XrdVisionError
+from xrdvision.formats.atomic import atomic_dir, atomic_open, atomic_path
+from xrdvision.formats.tables import read_table
 
 DEFAULT_CACHE_DIR = Path("data/cache/cod")
 USER_AGENT = f"xrdvision/{__version__} (powder-XRD crystal-system classifier)"
@@ -128,20 +131,6 @@ def output_name(path: Path, data: bytes) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def _read_csv(path: Path, needed: Iterable[str]) -> list[dict[str, str]]:
-    try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            rows = list(reader)
-            columns = reader.fieldnames or []
-    except FileNotFoundError:
-        raise InputError(path, "file not found") from None
-    missing = [c for c in needed if c not in columns]
-    if missing:
-        raise InputError(path, f"missing column(s) {', '.join(missing)}")
-    return rows
-
-
 def _seeded_key(seed: int, kind: str, name: str) -> float:
     """A random number fixed by ``seed`` and ``name`` alone (not by what else is being shuffled)."""
     return random.Random(f"{seed}:{kind}:{name}").random()
@@ -175,12 +164,16 @@ def select_sample(
     if per_system < 1:
         raise ValueError("per_system must be >= 1")
     index_csv, sources_csv = Path(index_csv), Path(sources_csv)
-    index = _read_csv(
-        index_csv, ("cod_id", "formula", "space_group_number", "crystal_system", "n_atoms_in_cell")
+    index = read_table(
+        index_csv,
+        ("cod_id", "formula", "space_group_number", "crystal_system", "n_atoms_in_cell"),
+        "COD index",
     )
     sources = {
         r["cod_id"]: r
-        for r in _read_csv(sources_csv, ("cod_id", "cod_tools_test_variant", "pymatgen_ordered"))
+        for r in read_table(
+            sources_csv, ("cod_id", "cod_tools_test_variant", "pymatgen_ordered"), "COD sources table"
+        )
     }
     excluded = {str(e) for e in exclude}
     cif_dir = index_csv.parent
@@ -324,7 +317,7 @@ def build_embedded_sample(
     """
     cod_dir, out_dir = Path(cod_dir), Path(out_dir)
     index_csv = cod_dir / "INDEX.csv"
-    index = {r["cod_id"]: r for r in _read_csv(index_csv, SAMPLE_COLUMNS)}
+    index = {r["cod_id"]: r for r in read_table(index_csv, SAMPLE_COLUMNS, "COD index")}
     excluded: dict[str, str] = {}
     passed: set[str] = set()
     checker = _Checker(timeout_s=max(30.0, 10 * max_seconds))
@@ -659,7 +652,7 @@ class _NothingUsable(Exception):
 if __name__ == "__main__":  # pragma: no cover - how data/embedded was made (see its README)
     import sys
 
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     dropped = build_embedded_sample(
         Path(sys.argv[1]) if len(sys.argv) > 1 else root.parent / "shared" / "cod", root / "data" / "embedded"
     )

@@ -22,12 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from xrdvision.atomic import atomic_open, write_json
-from xrdvision.config import CRYSTAL_SYSTEMS, Params
+from xrdvision.config import Params
+from xrdvision.crystal.systems import CRYSTAL_SYSTEMS
 from xrdvision.errors import InputError
+from xrdvision.formats.atomic import atomic_open, write_json
+from xrdvision.formats.tables import SPLIT_COLUMNS, read_table
 
 SPLITS = ("train", "val", "test")
-SPLIT_COLUMNS = ["image", "cod_id", "group", "crystal_system", "space_group"]
 METHOD = (
     "groups = union-find over (reduced formula, space group) and COD id; per crystal system, groups "
     "shuffled (seeded), sorted by size (largest first); when a system has >= 3 groups, the smallest "
@@ -145,18 +146,6 @@ def assign_splits(
             out[g] = best
             count[best] += size[g]
     return out
-
-
-def read_table(path: Path, required: Sequence[str], what: str) -> list[dict[str, str]]:
-    """Rows of a CSV between stages; a missing file or column is one InputError naming the file."""
-    if not path.is_file():
-        raise InputError(path, f"{what} not found")
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        missing = [c for c in required if c not in (reader.fieldnames or [])]
-        if missing:
-            raise InputError(path, f"{what} lacks column(s) {', '.join(missing)}")
-        return list(reader)
 
 
 def run_split(params: Params, manifest_path: Path, image_index_path: Path, out_dir: Path) -> dict[str, Any]:

@@ -33,10 +33,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from xrdvision.atomic import atomic_open, atomic_path, file_digest
-from xrdvision.augment import augment_pattern, copy_rng
 from xrdvision.config import Params
+from xrdvision.data.augment import augment_pattern, copy_rng
 from xrdvision.errors import InputError
+from xrdvision.formats.atomic import atomic_open, atomic_path, file_digest
 
 # 72 dots per inch makes one point one pixel, so ``render.line_width`` reads as pixels.
 _DPI = 72
@@ -289,7 +289,7 @@ def run_render(params: Params, patterns_dir: Path, out_dir: Path) -> dict[str, A
     """Render every structure of ``patterns_dir/patterns.npz`` into ``out_dir``; returns a summary.
 
     Writes ``<cod_id>_0.png`` (the stored pattern) and ``<cod_id>_<k>.png`` for k = 1..copies
-    (:func:`~xrdvision.augment.augment_pattern` with the generator of ``(seed, cod_id, k)``, so a copy
+    (:func:`~xrdvision.data.augment.augment_pattern` with the generator of ``(seed, cod_id, k)``, so a copy
     is the same whichever process draws it), then ``index.csv`` (image, cod_id, copy; image is the
     file name inside ``out_dir``) in patterns order.
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from xrdvision.config import CRYSTAL_SYSTEMS
+from xrdvision.crystal.systems import CRYSTAL_SYSTEMS
 from xrdvision.errors import InputError
 
 # spglib tolerances tried in turn when detection fails; the order is the one ../shared/cod/INDEX.csv

@@ -33,10 +33,11 @@ from typing import Any
 
 import numpy as np
 
-from xrdvision.atomic import atomic_open, write_json
-from xrdvision.config import CRYSTAL_SYSTEMS, Params
+from xrdvision.config import Params
+from xrdvision.crystal.systems import CRYSTAL_SYSTEMS
 from xrdvision.errors import XrdVisionError
-from xrdvision.split import SPLIT_COLUMNS, read_table
+from xrdvision.formats.atomic import atomic_open, write_json
+from xrdvision.formats.tables import SPLIT_COLUMNS, read_table
 
 SG_RANGES = {
     "triclinic": (1, 2),
@@ -230,8 +231,8 @@ def _empty_train_list(out_dir: Path) -> None:
 def run_synthesize(params: Params, split_dir: Path, manifest: Path, out_dir: Path) -> dict[str, Any]:
     """The stage: CIFs -> simulate -> render -> ``train.csv``. ``synth.per_system: 0`` writes an empty
     ``train.csv`` (the features stage then adds nothing) and a summary saying so."""
-    from xrdvision.render import run_render
-    from xrdvision.simulate import run_simulate
+    from xrdvision.data.render import run_render
+    from xrdvision.data.simulate import run_simulate
 
     t0 = time.perf_counter()
     out_dir = Path(out_dir)

@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from xrdvision import tracking
 from xrdvision.config import Params
 from xrdvision.errors import XrdVisionError
+from xrdvision.tracking import runs
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -77,9 +77,9 @@ def registered_versions(client, name: str, uri: str) -> dict[str, str]:
 
 def load_test_split(params: Params, split_dir: Path, image_dir: Path) -> tuple[list[Path], np.ndarray, str]:
     """Image paths, class indices and the md5 of ``test.csv`` (recorded with the decision)."""
-    from xrdvision.features import read_split
-    from xrdvision.labels import class_names
-    from xrdvision.train import encode_labels
+    from xrdvision.crystal.labels import class_names
+    from xrdvision.formats.tables import read_split
+    from xrdvision.models.train import encode_labels
 
     path = Path(split_dir) / "test.csv"
     rows = read_split(path)
@@ -97,8 +97,8 @@ def evaluate_version(
     """Load a registered version (MLflow Keras flavour) and score it on the test images."""
     import mlflow
 
-    from xrdvision.evaluate import classification_metrics, predict_images
-    from xrdvision.labels import class_names
+    from xrdvision.crystal.labels import class_names
+    from xrdvision.models.evaluate import classification_metrics, predict_images
 
     uri = f"models:/{name}/{version}"
     try:
@@ -127,9 +127,9 @@ def promote(
     No champion yet: the challenger becomes champion. ``force``: it becomes champion regardless.
     Returns the decision, both sets of figures and ``line`` (the one line the CLI prints).
     """
-    uri = tracking.setup(params.mlflow)
+    uri = runs.setup(params.mlflow)
     client = _client()
-    name = tracking.registered_model_name(params.mlflow, params.labels.mode)
+    name = runs.registered_model_name(params.mlflow, params.labels.mode)
     metric = params.promote.metric
     aliases = registered_versions(client, name, uri)
     if CHALLENGER not in aliases:
@@ -250,9 +250,9 @@ def list_models(params: Params) -> list[dict[str, Any]]:
     """
     from mlflow.exceptions import MlflowException
 
-    uri = tracking.setup(params.mlflow)
+    uri = runs.setup(params.mlflow)
     client = _client()
-    name = tracking.registered_model_name(params.mlflow, params.labels.mode)
+    name = runs.registered_model_name(params.mlflow, params.labels.mode)
     try:
         aliases = registered_versions(client, name, uri)
     except XrdVisionError:

@@ -19,12 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from xrdvision import tracking
-from xrdvision.atomic import atomic_open, atomic_path, write_json
 from xrdvision.config import Params
+from xrdvision.crystal.labels import class_names
 from xrdvision.errors import XrdVisionError
-from xrdvision.features import load_features
-from xrdvision.labels import class_names
+from xrdvision.formats.atomic import atomic_open, atomic_path, write_json
+from xrdvision.models.features import load_features
+from xrdvision.tracking import runs
 
 HISTORY_KEYS = ("loss", "accuracy", "top3_accuracy", "val_loss", "val_accuracy", "val_top3_accuracy")
 
@@ -110,7 +110,7 @@ def fit_tail(
     import keras
     import tensorflow as tf
 
-    from xrdvision.model import build_model, compile_tail
+    from xrdvision.models.vgg16 import build_model, compile_tail
 
     mode = params.labels.mode
     classes = class_names(mode)
@@ -197,18 +197,18 @@ def run_train(
     """Train, then save the full model, metrics and curves, and log + register the model in MLflow."""
     import mlflow
 
-    tracking.setup(params.mlflow)  # fail now, not after training, if the store does not answer
+    runs.setup(params.mlflow)  # fail now, not after training, if the store does not answer
     features_dir, model_dir = Path(features_dir), Path(model_dir)
     train = load_features(features_dir / "train.npz")
     val = load_features(features_dir / "val.npz")
     mode = params.labels.mode
-    tracking.use_experiment(params.mlflow)
+    runs.use_experiment(params.mlflow)
     with mlflow.start_run(run_name=f"train-{mode}") as run:
         mlflow.log_params(params.flat())
-        data = tracking.data_hashes(["data/images", "data/split", "data/features"])
+        data = runs.data_hashes(["data/images", "data/split", "data/features"])
         mlflow.set_tags(
             {
-                "git_commit": tracking.git_commit(),
+                "git_commit": runs.git_commit(),
                 "label_mode": mode,
                 "weights_md5": str(train.get("weights_md5", "")),
                 "cut_layer": str(train.get("cut_layer", "")),
@@ -247,13 +247,13 @@ def run_train(
         info_out = {
             "run_id": run.info.run_id,
             "experiment": params.mlflow.experiment,
-            "tracking_uri": tracking.tracking_uri(params.mlflow),
-            "registered_model": tracking.registered_model_name(params.mlflow, mode),
+            "tracking_uri": runs.tracking_uri(params.mlflow),
+            "registered_model": runs.registered_model_name(params.mlflow, mode),
             "version": version,
             "model_uri": uri,
             "label_mode": mode,
         }
-        tracking.write_run_info(model_dir / tracking.RUN_INFO, info_out)
+        runs.write_run_info(model_dir / runs.RUN_INFO, info_out)
     return {**metrics, **info_out}
 
 
@@ -262,7 +262,7 @@ def log_and_register(full_model, params: Params, classes: list[str], classes_fil
     import mlflow
     from mlflow.models import infer_signature
 
-    name = tracking.registered_model_name(params.mlflow, params.labels.mode)
+    name = runs.registered_model_name(params.mlflow, params.labels.mode)
     example = np.zeros((1, 224, 224, 3), dtype=np.float32)
     example[0, 200:, :, :] = 255.0  # a flat white baseline, as a rendered empty pattern looks
     signature = infer_signature(example, np.asarray(full_model.predict(example, verbose=0)))

@@ -8,7 +8,7 @@ What is searched (the knobs the seed recipe fixed by hand):
 - ``model.trainable_conv``: 0 (head only), 3 (block 5) or 6 (blocks 4 + 5), capped by
   ``tune.max_trainable_conv``.
 
-A trial trains exactly like the train stage (:func:`xrdvision.train.fit_tail`: same model, loss,
+A trial trains exactly like the train stage (:func:`xrdvision.models.train.fit_tail`: same model, loss,
 optimiser, early stopping), for ``tune.epochs`` epochs on the cached features. The objective is the
 **best validation loss** of the trial (minimised): on a validation split of a few dozen structures the
 loss moves smoothly with every epoch while accuracy moves in steps of one structure, so it ranks
@@ -42,11 +42,11 @@ from typing import Any
 
 import numpy as np
 
-from xrdvision import tracking
-from xrdvision.atomic import atomic_path, write_text
 from xrdvision.config import Params, TuneParams, parse_params
 from xrdvision.errors import XrdVisionError
-from xrdvision.features import load_features
+from xrdvision.formats.atomic import atomic_path, write_text
+from xrdvision.models.features import load_features
+from xrdvision.tracking import runs
 
 CONV_CHOICES = (0, 3, 6)  # head only, block 5, blocks 4 + 5
 DENSE_WIDTHS = (64, 128, 256, 512)
@@ -256,7 +256,7 @@ class DepthFeatures:
         if self._vgg is None:
             import keras
 
-            from xrdvision.model import IMAGE_SIZE
+            from xrdvision.models.vgg16 import IMAGE_SIZE
 
             self._vgg = keras.applications.VGG16(
                 weights=str(self.weights), include_top=False, input_shape=(IMAGE_SIZE, IMAGE_SIZE, 3)
@@ -277,7 +277,7 @@ class DepthFeatures:
         """(train, val) features cut for ``trainable_conv`` (the layout of :func:`load_features`)."""
         if self._current is not None and self._current[0] == trainable_conv:
             return self._current[1]
-        from xrdvision.model import cut_layer_name
+        from xrdvision.models.vgg16 import cut_layer_name
 
         self._current = None  # free the previous depth before building the next
         target = cut_layer_name(trainable_conv)
@@ -313,8 +313,8 @@ class DepthFeatures:
         return data
 
     def _from_images(self, src: dict[str, np.ndarray], trainable_conv: int, desc: str) -> np.ndarray:
-        from xrdvision.features import compute_features
-        from xrdvision.model import build_model
+        from xrdvision.models.features import compute_features
+        from xrdvision.models.vgg16 import build_model
 
         model_params = dataclasses.replace(self.params.model, trainable_conv=trainable_conv)
         net = build_model(7, model_params, weights=self.weights, seed=self.params.seed)
@@ -472,7 +472,7 @@ def make_objective(params: Params, features: DepthFeatures, weights: Path, recor
     import mlflow
     import optuna
 
-    from xrdvision.train import fit_tail
+    from xrdvision.models.train import fit_tail
 
     def objective(trial) -> float:
         t0 = time.perf_counter()
@@ -668,10 +668,10 @@ def run_tune(
     import optuna
     from optuna.trial import TrialState
 
-    from xrdvision.model import resolve_weights, weights_fingerprint
+    from xrdvision.models.vgg16 import resolve_weights, weights_fingerprint
 
     storage = open_storage(params.tune.storage)  # fail fast: before features, MLflow and training
-    tracking.setup(params.mlflow)
+    runs.setup(params.mlflow)
     features_dir, out_path = Path(features_dir), Path(out_path)
     base = {s: load_features(features_dir / f"{s}.npz") for s in SPLITS}
     weights = resolve_weights(params.model.weights)
@@ -707,7 +707,7 @@ def run_tune(
 
     features = DepthFeatures(params, base, image_dir, cache_dir, weights)
     record: list[dict[str, Any]] = []
-    experiment_id = tracking.use_experiment(params.mlflow)
+    experiment_id = runs.use_experiment(params.mlflow)
     parent_id = _parent_run_id(study, experiment_id)
     start = {"run_id": parent_id} if parent_id else {"run_name": f"tune-{params.tune.study_name}"}
     with mlflow.start_run(**start) as parent:
@@ -721,7 +721,7 @@ def run_tune(
                     "optuna.study": params.tune.study_name,
                     "optuna.storage": display_url(params.tune.storage),
                     "label_mode": params.labels.mode,
-                    "git_commit": tracking.git_commit(),
+                    "git_commit": runs.git_commit(),
                 }
             )
         if to_run:

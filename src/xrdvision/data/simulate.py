@@ -55,17 +55,19 @@ from typing import Any
 
 import numpy as np
 
-from xrdvision.atomic import atomic_open
-from xrdvision.config import CU_KA1, LabelsParams, Params, SimulateParams
-from xrdvision.errors import InputError, XrdVisionError
-from xrdvision.labels import (
+from xrdvision.config import LabelsParams, Params, SimulateParams
+from xrdvision.crystal import bragg
+from xrdvision.crystal.bragg import CU_KA1
+from xrdvision.crystal.labels import (
     Labels,
     analyse_symmetry,
     declared_space_group,
     labels_from_analyzer,
     read_structure,
 )
-from xrdvision.profile import grid, profile_pattern
+from xrdvision.crystal.profile import grid, profile_pattern
+from xrdvision.errors import InputError, XrdVisionError
+from xrdvision.formats.atomic import atomic_open
 
 # Bump when the physics or the record layout changes: it is part of every cache key.
 SIMULATE_VERSION = 1
@@ -359,7 +361,7 @@ def simulate_peaks(
     intensity = intensity / top
     keep = intensity > MIN_RELATIVE_INTENSITY
     two_theta, intensity, hkl = two_theta[keep], intensity[keep], hkl[keep]
-    d = wavelength / (2 * np.sin(np.radians(two_theta) / 2))
+    d = bragg.d_spacing(two_theta, wavelength)
     return Peaks(two_theta=two_theta, intensity=intensity, d=d, hkl=hkl.astype(np.int32))
 
 
@@ -635,7 +637,7 @@ def _mp_context() -> Any:
     except ValueError:
         return multiprocessing.get_context("spawn")
     ctx.set_forkserver_preload(
-        ["xrayutilities", "pymatgen.io.cif", "pymatgen.symmetry.analyzer", "xrdvision.simulate"]
+        ["xrayutilities", "pymatgen.io.cif", "pymatgen.symmetry.analyzer", "xrdvision.data.simulate"]
     )
     return ctx
 

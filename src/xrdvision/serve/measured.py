@@ -23,9 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from xrdvision.config import CU_KA1, SimulateParams
+from xrdvision.config import SimulateParams
+from xrdvision.crystal.bragg import CU_KA1, CU_KA_AVERAGE, convert_wavelength
+from xrdvision.crystal.profile import grid
 from xrdvision.errors import InputError
-from xrdvision.profile import grid
 
 # File name endings read as two-column text. Anything else is refused: a vendor binary (.raw, .brml)
 # read as text would give nonsense numbers rather than an error.
@@ -53,7 +54,6 @@ ANODES = {
     "mo": (0.70930, 0.7107),
     "ag": (0.55941, 0.5608),
 }
-CU_KA_AVERAGE = 1.5418
 WAVELENGTH_RANGE = (0.1, 5.0)  # plausible X-ray wavelengths in Angstrom; anything else is a unit error
 # SNIP background: clipping half-width in degrees 2-theta. It must be wider than a peak's foot (peaks
 # here have FWHM 0.05-0.3 degree, clay basal bands ~1 degree) and narrower than the background's
@@ -340,19 +340,6 @@ def measured_range(pattern: MeasuredPattern) -> tuple[float, float]:
     (RRUFF files re-gridded onto 5-90 degrees are padded so)."""
     nz = np.flatnonzero(pattern.intensity > 0)
     return float(pattern.two_theta[nz[0]]), float(pattern.two_theta[nz[-1]])
-
-
-def convert_wavelength(two_theta: np.ndarray, source: float, target: float) -> np.ndarray:
-    """2-theta at ``target`` of the same d-spacings measured at ``source`` (Bragg: d = lambda / 2 sin theta).
-
-    Angles whose reflection cannot occur at ``target`` (sin theta > 1) come back as NaN.
-    """
-    tt = np.asarray(two_theta, dtype=np.float64)
-    if source == target:
-        return tt.copy()
-    s = np.sin(np.radians(tt) / 2) * (target / source)
-    with np.errstate(invalid="ignore"):
-        return np.where(s <= 1, 2 * np.degrees(np.arcsin(np.minimum(s, 1.0))), np.nan)
 
 
 def _lls(y: np.ndarray) -> np.ndarray:

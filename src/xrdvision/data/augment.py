@@ -17,8 +17,10 @@ import zlib
 
 import numpy as np
 
-from xrdvision.config import CU_KA1, AugmentParams, SimulateParams
-from xrdvision.profile import grid, profile_pattern
+from xrdvision.config import AugmentParams, SimulateParams
+from xrdvision.crystal import bragg
+from xrdvision.crystal.bragg import CU_KA1
+from xrdvision.crystal.profile import grid, profile_pattern
 
 
 def id_key(cod_id: str | int) -> int:
@@ -36,13 +38,6 @@ def id_key(cod_id: str | int) -> int:
 def copy_rng(seed: int, cod_id: str | int, copy: int) -> np.random.Generator:
     """The generator for augmented copy ``copy`` of structure ``cod_id`` under ``params.seed``."""
     return np.random.default_rng([int(seed), id_key(cod_id), int(copy)])
-
-
-def bragg_two_theta(d: np.ndarray, wavelength: float = CU_KA1) -> np.ndarray:
-    """2-theta (degrees) of d-spacings ``d`` (Angstrom); NaN where ``lambda / 2d > 1`` (no reflection)."""
-    s = wavelength / (2 * np.asarray(d, dtype=np.float64))
-    with np.errstate(invalid="ignore"):
-        return np.where(s <= 1, 2 * np.degrees(np.arcsin(np.minimum(s, 1.0))), np.nan)
 
 
 def augment_peaks(
@@ -69,14 +64,14 @@ def augment_peaks(
     amp = np.asarray(intensity, dtype=np.float64)
     dd = np.asarray(d, dtype=np.float64)
     if dd.size != tt.size:
-        dd = wavelength / (2 * np.sin(np.radians(tt) / 2))
+        dd = bragg.d_spacing(tt, wavelength)
     # Unit draws scaled afterwards: an amplitude of 0 gives exactly no change, and the stream of
     # draws is the same whatever the amplitudes are.
     e = float(rng.uniform(-1.0, 1.0)) * p.strain
     z = float(rng.uniform(-1.0, 1.0)) * p.zero_shift
     jitter = rng.standard_normal(tt.size) * p.intensity_jitter
     if e != 0.0:
-        tt = bragg_two_theta(dd * (1 + e), wavelength)
+        tt = bragg.two_theta(dd * (1 + e), wavelength)
     keep = np.isfinite(tt)
     tt = tt[keep] + z
     amp = amp[keep] * np.exp(jitter[keep])
@@ -108,7 +103,7 @@ def augment_pattern(
     """One augmented pattern: :func:`augment_peaks`, a random step and FWHM, profile, background, noise.
 
     The step is drawn from ``p.steps`` and the FWHM from ``U(fwhm_range)``; the peaks are profiled with
-    :func:`xrdvision.profile.profile_pattern` on the simulate 2-theta range (K-alpha2 as
+    :func:`xrdvision.crystal.profile.profile_pattern` on the simulate 2-theta range (K-alpha2 as
     ``sim.kalpha2``, Lorentzian fraction ``sim.eta``), exactly as the simulated pattern was. Then
     ``p.background`` (a smooth curve, see :func:`smooth_background`) and Gaussian noise of sd
     ``p.noise`` are added, the result clipped at 0 and rescaled to a maximum of 1.

@@ -139,7 +139,7 @@ def _tree_md5(path: Path) -> str:
 
 
 def write_run_info(path: Path, info: dict[str, Any]) -> None:
-    from xrdvision.atomic import write_json
+    from xrdvision.formats.atomic import write_json
 
     write_json(path, info)
 

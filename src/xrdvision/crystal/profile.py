@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from xrdvision.config import CU_KA1, CU_KA2
+from xrdvision.crystal import bragg
+from xrdvision.crystal.bragg import CU_KA1, CU_KA2
 
 # Peaks farther than this many FWHM from a grid point contribute nothing measurable there; the
 # Lorentzian tail at 30 FWHM is 0.03 % of the peak, well under one grey level of a rendered image.
@@ -30,11 +31,9 @@ def kalpha2_peaks(
     splits peaks at high angle; simulating it makes training patterns look like measured ones.
     Peaks whose K-alpha2 position would pass 180 degrees are dropped.
     """
-    d = wavelength / (2 * np.sin(np.radians(two_theta) / 2))
-    s = CU_KA2 / (2 * d)
-    keep = s < 1
-    tt2 = 2 * np.degrees(np.arcsin(s[keep]))
-    return tt2, 0.5 * intensity[keep]
+    tt2 = bragg.two_theta(bragg.d_spacing(two_theta, wavelength), CU_KA2)
+    keep = np.isfinite(tt2) & (tt2 < 180.0)
+    return tt2[keep], 0.5 * np.asarray(intensity)[keep]
 
 
 def profile_pattern(

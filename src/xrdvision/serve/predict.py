@@ -1,9 +1,10 @@
 """Prediction on new files (CIFs, measured patterns, images) and the real-data check.
 
-Every input becomes the image the model was trained on, by the training code itself: a CIF goes through
-:func:`xrdvision.simulate.simulate_file` and the same :class:`~xrdvision.render.Renderer` settings as
-the render stage (so a CIF from the training set gives exactly its training image); a measured pattern
-goes through :mod:`xrdvision.measured` (wavelength, background, normalisation, training grid) and the
+Every input becomes the image the model was trained on, by the training code itself: a CIF goes
+through :func:`xrdvision.data.simulate.simulate_file` and the same
+:class:`~xrdvision.data.render.Renderer` settings as the render stage (so a CIF from the training set
+gives exactly its training image); a measured pattern goes through :mod:`xrdvision.serve.measured`
+(wavelength, background, normalisation, training grid) and the
 same renderer; a ready image is taken as it is. The images are then classified in batches.
 
 A bad file never stops the others: it gets its own one-line error in the results. The model comes from
@@ -30,10 +31,11 @@ from typing import Any
 
 import numpy as np
 
-from xrdvision import tracking
-from xrdvision.atomic import atomic_open, write_json
 from xrdvision.config import Params
 from xrdvision.errors import InputError, XrdVisionError
+from xrdvision.formats.atomic import atomic_open, write_json
+from xrdvision.formats.tables import read_table
+from xrdvision.tracking import runs
 
 CIF_SUFFIXES = (".cif",)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -85,11 +87,11 @@ class LoadedModel:
 
 def default_model_uri(params: Params) -> str:
     """``models:/<prefix>-<label mode>@champion``: the model users get unless they ask for another."""
-    return f"models:/{tracking.registered_model_name(params.mlflow, params.labels.mode)}@{CHAMPION}"
+    return f"models:/{runs.registered_model_name(params.mlflow, params.labels.mode)}@{CHAMPION}"
 
 
 def _mode_for(classes: list[str]) -> str:
-    from xrdvision.labels import class_names
+    from xrdvision.crystal.labels import class_names
 
     for mode in ("crystal_system", "space_group"):
         if classes == class_names(mode):
@@ -99,7 +101,7 @@ def _mode_for(classes: list[str]) -> str:
 
 def _default_classes(n_out: int, uri: str) -> tuple[list[str], str]:
     """The label mode's class order for a model that stored none, chosen by its number of outputs."""
-    from xrdvision.labels import class_names
+    from xrdvision.crystal.labels import class_names
 
     for mode in ("crystal_system", "space_group"):
         if len(class_names(mode)) == n_out:
@@ -125,7 +127,7 @@ def _classes_json(path: Path) -> list[str] | None:
 def _load_local(path: Path) -> LoadedModel:
     """A ``.keras`` file (classes from ``classes.json`` beside it), a folder holding one (the DVC
     ``models`` output, with ``run.json``), or an MLflow model folder (``MLmodel``)."""
-    from xrdvision.model import load_full_model
+    from xrdvision.models.vgg16 import load_full_model
 
     if path.is_dir() and (path / "MLmodel").is_file():
         return _load_mlflow(str(path.resolve()), None)
@@ -136,9 +138,9 @@ def _load_local(path: Path) -> LoadedModel:
     if classes is None:
         classes, classes_from = _default_classes(int(model.output_shape[-1]), str(path))
     run_id, registered = None, None
-    run_json = keras_file.parent / tracking.RUN_INFO
+    run_json = keras_file.parent / runs.RUN_INFO
     if run_json.is_file():
-        info = tracking.read_run_info(run_json)
+        info = runs.read_run_info(run_json)
         run_id = info.get("run_id")
         if info.get("registered_model") and info.get("version"):
             registered = (str(info["registered_model"]), str(info["version"]))
@@ -222,7 +224,7 @@ def load_model(params: Params, model_uri: str | None = None) -> LoadedModel:
             raise XrdVisionError(f"{uri}: model not found (a .keras file, a model folder or an MLflow URI)")
         loaded = _load_local(local)
     else:
-        tracking.setup(params.mlflow)
+        runs.setup(params.mlflow)
         loaded = _load_mlflow(uri, _registry_version(uri))
     n_out = int(loaded.model.output_shape[-1])
     if n_out != len(loaded.classes):
@@ -266,7 +268,7 @@ def settings_mismatch(params: Params, run_id: str | None) -> list[str]:
     import mlflow
 
     try:
-        tracking.setup(params.mlflow, check=False)
+        runs.setup(params.mlflow, check=False)
         logged = mlflow.MlflowClient().get_run(run_id).data.params
     except Exception:  # another store, no server: nothing to compare against
         return []
@@ -285,7 +287,7 @@ def settings_mismatch(params: Params, run_id: str | None) -> list[str]:
 
 def input_kind(path: str | Path) -> str:
     """``cif``, ``pattern`` or ``image`` from the file name; anything else is an :class:`InputError`."""
-    from xrdvision.measured import PATTERN_SUFFIXES, VENDOR_FORMATS
+    from xrdvision.serve.measured import PATTERN_SUFFIXES, VENDOR_FORMATS
 
     if Path(path).is_dir():
         raise InputError(path, "is a folder; pass the files in it (e.g. folder/*.xy)")
@@ -319,8 +321,8 @@ class Preparer:
     """Turns files into model images with the training settings (one renderer per instance)."""
 
     def __init__(self, params: Params, image_size: int | None = None) -> None:
-        from xrdvision.profile import grid
-        from xrdvision.render import Renderer
+        from xrdvision.crystal.profile import grid
+        from xrdvision.data.render import Renderer
 
         sim = params.simulate
         self.params = params
@@ -335,7 +337,7 @@ class Preparer:
         )
 
     def cif(self, path: Path) -> Prepared:
-        from xrdvision.simulate import simulate_file
+        from xrdvision.data.simulate import simulate_file
 
         with contextlib.redirect_stdout(sys.stderr):  # keep stdout clean for --json / --csv
             record = simulate_file(path, self.params.simulate, self.params.labels)
@@ -346,7 +348,7 @@ class Preparer:
     def pattern(
         self, path: Path, wavelength: float | None = None, default_wavelength: float | None = None
     ) -> Prepared:
-        from xrdvision.measured import read_pattern, to_training_grid
+        from xrdvision.serve.measured import read_pattern, to_training_grid
 
         pattern = read_pattern(path, wavelength)
         default = default_wavelength if default_wavelength is not None else self.params.measured.wavelength
@@ -356,7 +358,7 @@ class Preparer:
         return Prepared(self.renderer.render(self.grid, y), "pattern", notes=notes)
 
     def image(self, path: Path) -> Prepared:
-        from xrdvision.features import load_image
+        from xrdvision.models.features import load_image
 
         return Prepared(load_image(path, self.size), "image")
 
@@ -584,16 +586,12 @@ def serving_payload(path: str | Path, params: Params, wavelength: float | None =
 
 
 def _index_rows(folder: Path, index_name: str) -> list[dict[str, str]]:
-    path = folder / index_name
-    try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            rows = list(csv.DictReader(fh))
-    except FileNotFoundError:
-        raise XrdVisionError(f"{path}: index of measured patterns not found") from None
-    need = {"file", "crystal_system", "space_group"}
-    if not rows or not need <= set(rows[0]):
-        raise InputError(path, f"needs columns {', '.join(sorted(need))} and at least one row")
-    return rows
+    return read_table(
+        folder / index_name,
+        ["file", "crystal_system", "space_group"],
+        "index of measured patterns",
+        allow_empty=False,
+    )
 
 
 def _label(row: dict[str, str], mode: str) -> str:
@@ -624,7 +622,7 @@ def measured_metrics(
 ) -> dict[str, Any]:
     """Overall figures (accuracy with a 95 % bootstrap CI, top-3, macro F1, loss), per source and per
     true class, plus the majority-class baseline (what always answering the commonest class scores)."""
-    from xrdvision.evaluate import bootstrap_ci, classification_metrics
+    from xrdvision.models.evaluate import bootstrap_ci, classification_metrics
 
     pred = probs.argmax(axis=1)
     correct = (pred == y).astype(np.float64)
@@ -674,7 +672,7 @@ def run_evaluate_measured(
     """
     from tqdm import tqdm
 
-    from xrdvision.evaluate import confusion, plot_confusion
+    from xrdvision.models.evaluate import confusion, plot_confusion
 
     out_metrics, out_dir = Path(out_metrics), Path(out_dir)
     mp = params.measured
@@ -805,7 +803,7 @@ def _log_measured(params: Params, lm: LoadedModel, metrics: dict[str, Any], out_
     """Log to the model's training run (or a new run); returns the run id."""
     import mlflow
 
-    tracking.setup(params.mlflow)
+    runs.setup(params.mlflow)
     client = mlflow.MlflowClient()
     figures = _flat_figures(metrics)
     run_id = lm.run_id
@@ -815,10 +813,10 @@ def _log_measured(params: Params, lm: LoadedModel, metrics: dict[str, Any], out_
         except Exception:  # the run lives in another store: log a run of our own instead
             run_id = None
     if run_id is None:
-        tracking.use_experiment(params.mlflow)
+        runs.use_experiment(params.mlflow)
         with mlflow.start_run(run_name="evaluate-measured") as run:
             mlflow.set_tags(
-                {"model_uri": lm.uri, "label_mode": lm.label_mode, "git_commit": tracking.git_commit()}
+                {"model_uri": lm.uri, "label_mode": lm.label_mode, "git_commit": runs.git_commit()}
             )
             run_id = run.info.run_id
     for k, v in figures.items():

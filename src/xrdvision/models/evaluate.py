@@ -16,13 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from xrdvision import tracking
-from xrdvision.atomic import atomic_open, atomic_path, write_json, write_text
 from xrdvision.config import Params
+from xrdvision.crystal.labels import class_names
 from xrdvision.errors import XrdVisionError
-from xrdvision.features import load_image, read_split
-from xrdvision.labels import class_names
-from xrdvision.train import encode_labels
+from xrdvision.formats.atomic import atomic_open, atomic_path, write_json, write_text
+from xrdvision.formats.tables import read_split
+from xrdvision.models.features import load_image
+from xrdvision.models.train import encode_labels
+from xrdvision.tracking import runs
 
 
 def bootstrap_ci(
@@ -128,17 +129,17 @@ def run_evaluate(
     """Evaluate ``model_dir/model.keras`` on the test split; write DVC metrics/plots; log to MLflow."""
     from sklearn.metrics import classification_report
 
-    from xrdvision.model import load_full_model
+    from xrdvision.models.vgg16 import load_full_model
 
     model_dir, plots_dir, reports_dir = Path(model_dir), Path(plots_dir), Path(reports_dir)
-    run_info = tracking.read_run_info(model_dir / tracking.RUN_INFO)
+    run_info = runs.read_run_info(model_dir / runs.RUN_INFO)
     mode = params.labels.mode
     if run_info.get("label_mode") != mode:
         raise XrdVisionError(
-            f"{model_dir / tracking.RUN_INFO}: model was trained for {run_info.get('label_mode')}, "
+            f"{model_dir / runs.RUN_INFO}: model was trained for {run_info.get('label_mode')}, "
             f"params say labels.mode={mode}: run `dvc repro train` first"
         )
-    tracking.setup(params.mlflow)
+    runs.setup(params.mlflow)
     classes = class_names(mode)
     rows = read_split(Path(split_dir) / "test.csv")
     if not rows:

@@ -21,9 +21,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from xrdvision.atomic import file_digest
 from xrdvision.config import ModelParams
 from xrdvision.errors import XrdVisionError
+from xrdvision.formats.atomic import file_digest
 
 WEIGHTS_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
 WEIGHTS_ENV = "XRDVISION_VGG16_WEIGHTS"
@@ -37,7 +37,7 @@ _BGR_MEAN = (103.939, 116.779, 123.68)
 
 
 def _repo_root() -> Path:
-    return Path(__file__).resolve().parents[2]
+    return Path(__file__).resolve().parents[3]
 
 
 def _keras_cache_dir() -> Path:

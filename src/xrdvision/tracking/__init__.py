@@ -1,0 +1,1 @@
+"""MLflow: where runs go and what they are tagged with, and the model registry (challenger / champion)."""
