@@ -175,4 +175,30 @@ def test_dvc_stage_deps_cover_every_module_the_stage_imports():
             module_path = PKG / "__init__.py" if module == "xrdvision" else known[module]
             if not covered(module_path, deps):
                 problems.append(f"{name}: {module_path.relative_to(ROOT)} is imported but not a dep")
+        loaded = {
+            known[m] if m != "xrdvision" else PKG / "__init__.py" for m in closure(commands[sub], graph)
+        }
+        for dep in deps:
+            if not dep.startswith("src/"):
+                continue
+            files = [ROOT / dep] if dep.endswith(".py") else sorted((ROOT / dep).rglob("*.py"))
+            assert files and all(f.exists() for f in files), f"{name}: dep {dep} does not exist"
+            unused = [f.relative_to(ROOT).as_posix() for f in files if f not in loaded]
+            if unused:
+                problems.append(
+                    f"{name}: dep {dep} covers {', '.join(unused)}, which the stage never imports"
+                )
     assert not problems, "\n".join(problems)
+
+
+def print_stage_closures() -> None:  # pragma: no cover - a helper for writing dvc.yaml deps
+    """``python tests/test_architecture.py``: the modules each stage's command loads."""
+    graph, commands = import_graph(), stage_commands()
+    for sub, start in sorted(commands.items()):
+        print(sub)
+        for m in sorted(closure(start, graph)):
+            print("   ", m)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print_stage_closures()
