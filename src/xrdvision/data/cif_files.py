@@ -1,22 +1,16 @@
-"""What a CIF file is called and whether it is one: checks on a file's bytes, and a full load check.
+"""What a CIF file is called and whether it is one at all, judged from its bytes alone.
 
 Every later stage keys its records by a CIF's stem, so one place decides the name: a COD file becomes
 ``<cod id>`` (from ``_cod_database_code``, else its file name), any other file keeps its sanitised stem.
-:func:`cif_problem` only keeps junk out (empty files, binaries, HTML); whether the structure is sound is
-pymatgen's call in ``simulate``. :func:`check_cif_loads` is the deep check, used when the embedded sample
-is built: the file must load in pymatgen and give xrayutilities a peak list, as ``simulate`` needs.
+:func:`cif_problem` only keeps junk out (empty files, binaries, HTML) and :func:`looks_like_cod_cif` tells
+a COD answer from an error page; whether the structure is sound is pymatgen's call in ``simulate``. No
+physics and no parser here, so the ingest stage that uses this loads nothing heavy.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import re
-import warnings
 from pathlib import Path
-from typing import Any
-
-from xrdvision.crystal.bragg import CU_KA1
 
 _COD_CODE_RE = re.compile(rb"^[ \t]*_cod_database_code[ \t]+['\"]?(\d{7})\b", re.MULTILINE)
 _DATA_BLOCK_RE = re.compile(rb"^[ \t]*data_\S+", re.MULTILINE | re.IGNORECASE)
@@ -89,42 +83,3 @@ def output_name(path: Path, data: bytes) -> str:
     if _COD_ID_RE.match(path.stem):
         return path.stem
     return sanitise_stem(path.stem)
-
-
-def _silenced(fn: Any, *args: Any) -> Any:
-    """Run ``fn`` with stdout swallowed (xrayutilities prints a line per ion it neutralises)."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        return fn(*args)
-
-
-def check_cif_loads(path: str | Path, wavelength: float = CU_KA1, two_theta_max: float = 90.0) -> str:
-    """Load ``path`` with pymatgen and with xrayutilities (peak list), or return why not ("" if fine).
-
-    Mirrors what ``simulate`` needs: pymatgen for the labels, xrayutilities' ``fromCIF`` with the crystal
-    renamed to ``cod_<id>`` (a bare number is not a valid name, FINDINGS.md) for the peak list.
-    """
-    from pymatgen.io.cif import CifParser
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            structures = CifParser(path).parse_structures(primitive=False)
-        except Exception as exc:
-            return f"pymatgen: {type(exc).__name__}: {exc}"
-        if not structures or len(structures[0]) == 0:
-            return "pymatgen: no atoms in structure"
-        try:
-            import xrayutilities as xu
-
-            crystal = _silenced(xu.materials.Crystal.fromCIF, str(path))
-            crystal.name = f"cod_{sanitise_stem(Path(path).stem)}"
-            powder = _silenced(
-                lambda: xu.simpack.PowderDiffraction(
-                    crystal, wl=wavelength, tt_cutoff=two_theta_max, enable_simulation=False
-                )
-            )
-            if len(powder.data) == 0:
-                return "xrayutilities: no peaks"
-        except Exception as exc:
-            return f"xrayutilities: {type(exc).__name__}: {exc}"
-    return ""

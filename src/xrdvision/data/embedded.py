@@ -9,11 +9,14 @@ folder this wrote. ``python -m xrdvision.data.embedded [../shared/cod]`` rebuild
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import multiprocessing
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +24,9 @@ from typing import Any
 
 from tqdm import tqdm
 
+from xrdvision.crystal.bragg import CU_KA1
 from xrdvision.crystal.systems import CRYSTAL_SYSTEMS
-from xrdvision.data.cif_files import check_cif_loads
+from xrdvision.data.cif_files import sanitise_stem
 from xrdvision.formats.atomic import atomic_path
 from xrdvision.formats.tables import read_table, write_table
 
@@ -121,6 +125,45 @@ def select_sample(
                     picked.append(bucket.pop(0))
         chosen.extend(sorted(picked))
     return chosen
+
+
+def _silenced(fn: Any, *args: Any) -> Any:
+    """Run ``fn`` with stdout swallowed (xrayutilities prints a line per ion it neutralises)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return fn(*args)
+
+
+def check_cif_loads(path: str | Path, wavelength: float = CU_KA1, two_theta_max: float = 90.0) -> str:
+    """Load ``path`` with pymatgen and with xrayutilities (peak list), or return why not ("" if fine).
+
+    Mirrors what ``simulate`` needs: pymatgen for the labels, xrayutilities' ``fromCIF`` with the crystal
+    renamed to ``cod_<id>`` (a bare number is not a valid name, FINDINGS.md) for the peak list.
+    """
+    from pymatgen.io.cif import CifParser
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            structures = CifParser(path).parse_structures(primitive=False)
+        except Exception as exc:
+            return f"pymatgen: {type(exc).__name__}: {exc}"
+        if not structures or len(structures[0]) == 0:
+            return "pymatgen: no atoms in structure"
+        try:
+            import xrayutilities as xu
+
+            crystal = _silenced(xu.materials.Crystal.fromCIF, str(path))
+            crystal.name = f"cod_{sanitise_stem(Path(path).stem)}"
+            powder = _silenced(
+                lambda: xu.simpack.PowderDiffraction(
+                    crystal, wl=wavelength, tt_cutoff=two_theta_max, enable_simulation=False
+                )
+            )
+            if len(powder.data) == 0:
+                return "xrayutilities: no peaks"
+        except Exception as exc:
+            return f"xrayutilities: {type(exc).__name__}: {exc}"
+    return ""
 
 
 def _warm_up() -> None:
