@@ -6,9 +6,10 @@ import dataclasses
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from conftest import ROOT
-from xrdvision.config import Params, default_params_dict, load_params, parse_params
+from xrdvision.config import Params, SplitParams, default_params_dict, load_params, parse_params
 from xrdvision.errors import ConfigError
 
 
@@ -40,6 +41,14 @@ def test_shipped_params_are_the_documented_defaults():
         ({"augment": {"fwhm_range": [0.2, 0.1]}}, "augment.fwhm_range"),
         ({"model": {"trainable_conv": 14}}, "model.trainable_conv: must be in [0, 13]"),
         ({"simulate": []}, "simulate: expected a mapping"),
+        ({"simulate": {"eta": 2}}, "simulate.eta: must be in [0, 1]"),
+        ({"augment": {"strain": 0.5}}, "augment.strain: must be in [0, 0.1)"),
+        ({"simulate": {"step": 10.0}}, "simulate.step: must give at least 10 points"),
+        ({"model": {"dense": [256, "wide"]}}, "model.dense.1: expected an integer, got 'wide'"),
+        ({"ingest": {"cod_query": {1: "Si"}}}, "ingest.cod_query.1: expected a string"),
+        ({1: {}}, "params: 1: unknown key"),
+        ({"seed": True}, "seed: expected an integer, got True"),
+        ({"train": {"learning_rate": "1e-4"}}, "train.learning_rate: expected a number, got '1e-4'"),
     ],
 )
 def test_invalid_params_name_the_key(data, message):
@@ -82,3 +91,15 @@ def test_flat_keys_are_what_dvc_exp_run_S_takes():
         for f in dataclasses.fields(Params)
     )
     assert len(flat) == n_leaves
+
+
+def test_copies_are_validated_too():
+    """``dataclasses.replace`` (how the code derives settings) validates the copy like params.yaml."""
+    p = Params()
+    assert dataclasses.replace(p, seed=7).seed == 7 and p.seed == 42
+    with pytest.raises(ValidationError, match="must sum to 1"):
+        dataclasses.replace(p.split, train=0.9)
+    with pytest.raises(ValidationError):
+        SplitParams(train="0.7")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.seed = 1

@@ -5,6 +5,11 @@ keys a stage lists under ``params:`` in ``dvc.yaml``. Validation is strict becau
 (``two_theta_mx``) would otherwise silently fall back to a default and produce a different experiment
 than the one the user asked for: an unknown key, a wrong type or an impossible value is a
 :class:`~xrdvision.errors.ConfigError` that names the key.
+
+The sections are pydantic dataclasses (unknown keys forbidden, frozen, strict scalars, bounds as
+``Field`` constraints, rules between fields as validators). Dataclasses rather than ``BaseModel``s
+because the code and tests copy settings with ``dataclasses.replace`` and read them with
+``dataclasses.asdict``; on a pydantic dataclass ``replace`` validates the copy too.
 """
 
 from __future__ import annotations
@@ -12,347 +17,310 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import ConfigDict, Field, Strict, TypeAdapter, ValidationError, model_validator
+from pydantic.dataclasses import dataclass
+from pydantic_core import PydanticCustomError
 
 from xrdvision.crystal.bragg import CU_KA1
 from xrdvision.errors import ConfigError
 
+# Strict scalars, as YAML gives them: "42" is not an integer, 1 is not true; an int widens to a float.
+Int = Annotated[int, Strict()]
+Num = Annotated[float, Strict()]
+Bool = Annotated[bool, Strict()]
+Str = Annotated[str, Strict()]
 
-@dataclass(frozen=True)
+_section = dataclass(frozen=True, config=ConfigDict(extra="forbid"))
+
+
+def _rule(ok: bool, key: str, reason: str) -> None:
+    """A check between fields, or on a list's shape; ``key`` is relative to the section."""
+    if not ok:
+        raise PydanticCustomError("rule", "{reason}", {"key": key, "reason": reason})
+
+
+@_section
 class IngestParams:
     """Where the CIFs come from (``source``) and how many to take."""
 
     source: Literal["embedded", "folder", "cod"] = "embedded"
-    embedded_dir: str = "data/embedded"
-    folder: str = "../shared/cod"
-    cod_url: str = "https://www.crystallography.net/cod"
-    cod_ids: list[int] = field(default_factory=list)
-    cod_query: dict[str, Any] = field(default_factory=dict)
-    max_files: int = 0  # 0 = no limit
-    request_interval_s: float = 1.0
-    retries: int = 3
-    timeout_s: float = 30.0
+    embedded_dir: Str = "data/embedded"
+    folder: Str = "../shared/cod"
+    cod_url: Str = "https://www.crystallography.net/cod"
+    cod_ids: list[Int] = Field(default_factory=list)
+    cod_query: dict[str, Any] = Field(default_factory=dict)
+    max_files: Int = Field(0, ge=0)  # 0 = no limit
+    request_interval_s: Num = Field(1.0, ge=0)
+    retries: Int = Field(3, ge=0)
+    timeout_s: Num = Field(30.0, gt=0)
 
-    def validate(self) -> None:
-        _check(self.max_files >= 0, "ingest.max_files", "must be >= 0 (0 means no limit)")
-        _check(self.request_interval_s >= 0, "ingest.request_interval_s", "must be >= 0")
-        _check(self.retries >= 0, "ingest.retries", "must be >= 0")
-        _check(self.timeout_s > 0, "ingest.timeout_s", "must be > 0")
-        _check(all(i > 0 for i in self.cod_ids), "ingest.cod_ids", "COD ids are positive integers")
+    @model_validator(mode="after")
+    def _rules(self) -> IngestParams:
+        _rule(all(i > 0 for i in self.cod_ids), "cod_ids", "COD ids are positive integers")
+        return self
 
 
-@dataclass(frozen=True)
+@_section
 class LabelsParams:
     """How labels are derived: ``mode`` picks the class the model learns."""
 
     mode: Literal["crystal_system", "space_group"] = "crystal_system"
-    symprec: float = 0.01
-    angle_tolerance: float = 5.0
-
-    def validate(self) -> None:
-        _check(0 < self.symprec < 1, "labels.symprec", "must be in (0, 1) Angstrom")
-        _check(0 < self.angle_tolerance < 45, "labels.angle_tolerance", "must be in (0, 45) degrees")
+    symprec: Num = Field(0.01, gt=0, lt=1)  # Angstrom
+    angle_tolerance: Num = Field(5.0, gt=0, lt=45)  # degrees
 
 
-@dataclass(frozen=True)
+@_section
 class SimulateParams:
     """Powder pattern simulation (xrayutilities peak list + pseudo-Voigt profile)."""
 
-    wavelength: float = CU_KA1
-    kalpha2: bool = False
-    two_theta_min: float = 5.0
-    two_theta_max: float = 90.0
-    step: float = 0.02
-    fwhm: float = 0.1  # degrees 2-theta, pseudo-Voigt full width at half maximum
-    eta: float = 0.5  # pseudo-Voigt Lorentzian fraction
-    workers: int = 2
-    timeout_s: float = 60.0
+    wavelength: Num = Field(CU_KA1, gt=0)  # Angstrom
+    kalpha2: Bool = False
+    two_theta_min: Num = Field(5.0, ge=0)
+    two_theta_max: Num = Field(90.0, le=180)
+    step: Num = Field(0.02, gt=0)
+    fwhm: Num = Field(0.1, gt=0)  # degrees 2-theta, pseudo-Voigt full width at half maximum
+    eta: Num = Field(0.5, ge=0, le=1)  # pseudo-Voigt Lorentzian fraction
+    workers: Int = Field(2, ge=1)
+    timeout_s: Num = Field(60.0, gt=0)
 
-    def validate(self) -> None:
-        _check(self.wavelength > 0, "simulate.wavelength", "must be > 0 Angstrom")
-        _check(
-            0 <= self.two_theta_min < self.two_theta_max <= 180,
-            "simulate.two_theta_min/two_theta_max",
-            "need 0 <= two_theta_min < two_theta_max <= 180 degrees",
+    @model_validator(mode="after")
+    def _rules(self) -> SimulateParams:
+        _rule(
+            self.two_theta_min < self.two_theta_max,
+            "two_theta_min/two_theta_max",
+            "need two_theta_min < two_theta_max",
         )
-        _check(
-            0 < self.step <= (self.two_theta_max - self.two_theta_min) / 10,
-            "simulate.step",
-            "must be > 0 and give at least 10 points over the 2-theta range",
+        _rule(
+            self.step <= (self.two_theta_max - self.two_theta_min) / 10,
+            "step",
+            "must give at least 10 points over the 2-theta range",
         )
-        _check(self.fwhm > 0, "simulate.fwhm", "must be > 0 degrees")
-        _check(0 <= self.eta <= 1, "simulate.eta", "must be in [0, 1]")
-        _check(self.workers >= 1, "simulate.workers", "must be >= 1")
-        _check(self.timeout_s > 0, "simulate.timeout_s", "must be > 0 seconds")
+        return self
 
 
-@dataclass(frozen=True)
+@_section
 class AugmentParams:
     """The seed's augmentation, applied to the 1-D peak list before rendering."""
 
-    copies: int = 2  # augmented copies per structure, besides the original
-    intensity_jitter: float = 0.15  # relative sd of each peak's area (log-normal)
-    steps: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.04])
-    zero_shift: float = 0.1  # max |zero offset|, degrees 2-theta
-    strain: float = 0.005  # max |isotropic lattice strain| (d -> d * (1 + e))
-    fwhm_range: list[float] = field(default_factory=lambda: [0.08, 0.2])
-    noise: float = 0.0  # sd of Gaussian noise relative to the maximum
-    background: float = 0.0  # max amplitude of a smooth background, relative to the maximum
+    copies: Int = Field(2, ge=0)  # augmented copies per structure, besides the original
+    intensity_jitter: Num = Field(0.15, ge=0)  # relative sd of each peak's area (log-normal)
+    steps: list[Num] = Field(default_factory=lambda: [0.01, 0.02, 0.04])
+    zero_shift: Num = Field(0.1, ge=0)  # max |zero offset|, degrees 2-theta
+    strain: Num = Field(0.005, ge=0, lt=0.1)  # max |isotropic lattice strain| (d -> d * (1 + e))
+    fwhm_range: list[Num] = Field(default_factory=lambda: [0.08, 0.2])
+    noise: Num = Field(0.0, ge=0)  # sd of Gaussian noise relative to the maximum
+    background: Num = Field(0.0, ge=0)  # max amplitude of a smooth background, relative to the maximum
 
-    def validate(self) -> None:
-        _check(self.copies >= 0, "augment.copies", "must be >= 0")
-        _check(self.intensity_jitter >= 0, "augment.intensity_jitter", "must be >= 0")
-        _check(len(self.steps) > 0 and all(s > 0 for s in self.steps), "augment.steps", "need positive steps")
-        _check(self.zero_shift >= 0, "augment.zero_shift", "must be >= 0")
-        _check(0 <= self.strain < 0.1, "augment.strain", "must be in [0, 0.1)")
-        _check(
+    @model_validator(mode="after")
+    def _rules(self) -> AugmentParams:
+        _rule(len(self.steps) > 0 and all(s > 0 for s in self.steps), "steps", "need positive steps")
+        _rule(
             len(self.fwhm_range) == 2 and 0 < self.fwhm_range[0] <= self.fwhm_range[1],
-            "augment.fwhm_range",
+            "fwhm_range",
             "must be [low, high] with 0 < low <= high",
         )
-        _check(self.noise >= 0, "augment.noise", "must be >= 0")
-        _check(self.background >= 0, "augment.background", "must be >= 0")
+        return self
 
 
-@dataclass(frozen=True)
+@_section
 class RenderParams:
     """How a pattern becomes an image (matplotlib, black background, white line)."""
 
-    size: int = 224
-    line_width: float = 1.0
-    workers: int = 2
-
-    def validate(self) -> None:
-        _check(16 <= self.size <= 1024, "render.size", "must be in [16, 1024] pixels")
-        _check(self.line_width > 0, "render.line_width", "must be > 0")
-        _check(self.workers >= 1, "render.workers", "must be >= 1")
+    size: Int = Field(224, ge=16, le=1024)  # pixels
+    line_width: Num = Field(1.0, gt=0)
+    workers: Int = Field(2, ge=1)
 
 
-@dataclass(frozen=True)
+@_section
 class SplitParams:
     """Grouped, stratified train/validation/test split."""
 
-    train: float = 0.7
-    val: float = 0.2
-    test: float = 0.1
+    train: Num = Field(0.7, gt=0, lt=1)
+    val: Num = Field(0.2, gt=0, lt=1)
+    test: Num = Field(0.1, gt=0, lt=1)
 
-    def validate(self) -> None:
-        for name in ("train", "val", "test"):
-            _check(0 < getattr(self, name) < 1, f"split.{name}", "must be in (0, 1)")
+    @model_validator(mode="after")
+    def _rules(self) -> SplitParams:
         total = self.train + self.val + self.test
-        _check(abs(total - 1) < 1e-6, "split.train/val/test", f"must sum to 1 (they sum to {total:g})")
+        _rule(abs(total - 1) < 1e-6, "train/val/test", f"must sum to 1 (they sum to {total:g})")
+        return self
 
 
-@dataclass(frozen=True)
+@_section
 class SynthParams:
     """Random crystals (PyXtal) added to the training images only; ``per_system: 0`` = off."""
 
-    per_system: int = 0  # random crystals per crystal system
-    max_atoms: int = 40  # atoms in the conventional cell, at most
-    max_species: int = 4  # elements per crystal, at most
-    copies: int = 0  # augmented copies per synthetic crystal (each crystal is already new)
-
-    def validate(self) -> None:
-        _check(0 <= self.per_system <= 100000, "synth.per_system", "must be in [0, 100000]")
-        _check(2 <= self.max_atoms <= 500, "synth.max_atoms", "must be in [2, 500]")
-        _check(1 <= self.max_species <= 8, "synth.max_species", "must be in [1, 8]")
-        _check(0 <= self.copies <= 20, "synth.copies", "must be in [0, 20]")
+    per_system: Int = Field(0, ge=0, le=100000)  # random crystals per crystal system
+    max_atoms: Int = Field(40, ge=2, le=500)  # atoms in the conventional cell, at most
+    max_species: Int = Field(4, ge=1, le=8)  # elements per crystal, at most
+    copies: Int = Field(0, ge=0, le=20)  # augmented copies per synthetic crystal (each is already new)
 
 
-@dataclass(frozen=True)
+@_section
 class ModelParams:
     """The VGG16 transfer-learning model."""
 
-    weights: str = ""  # "" = look in the usual places (model.resolve_weights)
-    dense: list[int] = field(default_factory=lambda: [256])
-    dropout: float = 0.3
-    trainable_conv: int = 3  # how many of VGG16's 13 conv layers (from the top) are trained
+    weights: Str = ""  # "" = look in the usual places (model.resolve_weights)
+    dense: list[Int] = Field(default_factory=lambda: [256])
+    dropout: Num = Field(0.3, ge=0, lt=1)
+    trainable_conv: Int = Field(3, ge=0, le=13)  # VGG16's 13 conv layers trained, from the top
 
-    def validate(self) -> None:
-        _check(
-            1 <= len(self.dense) <= 3 and all(w > 0 for w in self.dense),
-            "model.dense",
-            "need 1-3 positive layer widths",
-        )
-        _check(0 <= self.dropout < 1, "model.dropout", "must be in [0, 1)")
-        _check(0 <= self.trainable_conv <= 13, "model.trainable_conv", "must be in [0, 13]")
+    @model_validator(mode="after")
+    def _rules(self) -> ModelParams:
+        ok = 1 <= len(self.dense) <= 3 and all(w > 0 for w in self.dense)
+        _rule(ok, "dense", "need 1-3 positive layer widths")
+        return self
 
 
-@dataclass(frozen=True)
+@_section
 class TrainParams:
     """Fitting: the seed recipe by default."""
 
-    epochs: int = 15
-    batch_size: int = 32
-    learning_rate: float = 1e-4
-    patience: int = 5
-    class_weights: bool = False
-
-    def validate(self) -> None:
-        _check(self.epochs >= 1, "train.epochs", "must be >= 1")
-        _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
-        _check(0 < self.learning_rate < 1, "train.learning_rate", "must be in (0, 1)")
-        _check(self.patience >= 1, "train.patience", "must be >= 1")
+    epochs: Int = Field(15, ge=1)
+    batch_size: Int = Field(32, ge=1)
+    learning_rate: Num = Field(1e-4, gt=0, lt=1)
+    patience: Int = Field(5, ge=1)
+    class_weights: Bool = False
 
 
-@dataclass(frozen=True)
+@_section
 class MlflowParams:
     """Tracking: a local sqlite store by default; ``MLFLOW_TRACKING_URI`` overrides."""
 
-    tracking_uri: str = "sqlite:///mlruns/mlflow.db"
-    experiment: str = "xrdvision"
-    registered_model_prefix: str = "xrdvision"
+    tracking_uri: Str = "sqlite:///mlruns/mlflow.db"
+    experiment: Str = "xrdvision"
+    registered_model_prefix: Str = "xrdvision"
 
 
-@dataclass(frozen=True)
+@_section
 class TuneParams:
     """Optuna study."""
 
-    trials: int = 10
-    storage: str = "sqlite:///mlruns/optuna.db"
-    study_name: str = "xrdvision"
-    epochs: int = 10
-    lr_range: list[float] = field(default_factory=lambda: [1e-5, 1e-2])
-    max_trainable_conv: int = 3  # 6 (blocks 4+5) is practical on a GPU only
+    trials: Int = Field(10, ge=1)
+    storage: Str = "sqlite:///mlruns/optuna.db"
+    study_name: Str = "xrdvision"
+    epochs: Int = Field(10, ge=1)
+    lr_range: list[Num] = Field(default_factory=lambda: [1e-5, 1e-2])
+    max_trainable_conv: Int = Field(3, ge=0, le=13)  # 6 (blocks 4+5) is practical on a GPU only
 
-    def validate(self) -> None:
-        _check(self.trials >= 1, "tune.trials", "must be >= 1")
-        _check(self.epochs >= 1, "tune.epochs", "must be >= 1")
-        _check(
+    @model_validator(mode="after")
+    def _rules(self) -> TuneParams:
+        _rule(
             len(self.lr_range) == 2 and 0 < self.lr_range[0] < self.lr_range[1] < 1,
-            "tune.lr_range",
+            "lr_range",
             "must be [low, high] with 0 < low < high < 1",
         )
-        _check(0 <= self.max_trainable_conv <= 13, "tune.max_trainable_conv", "must be in [0, 13]")
+        return self
 
 
-@dataclass(frozen=True)
+@_section
 class PromoteParams:
     """Model promotion: which test metric decides challenger vs champion."""
 
     metric: Literal["accuracy", "loss", "macro_f1", "top3_accuracy"] = "accuracy"
 
 
-@dataclass(frozen=True)
+@_section
 class MeasuredParams:
     """Measured patterns for the real-data check (empty or missing folder: the stage reports it skipped)."""
 
-    folder: str = "../shared/experimental"
-    index: str = "INDEX.csv"
-    wavelength: float = 1.5418
+    folder: Str = "../shared/experimental"
+    index: Str = "INDEX.csv"
+    wavelength: Num = 1.5418
 
 
-@dataclass(frozen=True)
+@_section
 class Params:
     """All of ``params.yaml``."""
 
-    seed: int = 42
-    ingest: IngestParams = field(default_factory=IngestParams)
-    labels: LabelsParams = field(default_factory=LabelsParams)
-    simulate: SimulateParams = field(default_factory=SimulateParams)
-    augment: AugmentParams = field(default_factory=AugmentParams)
-    render: RenderParams = field(default_factory=RenderParams)
-    split: SplitParams = field(default_factory=SplitParams)
-    synth: SynthParams = field(default_factory=SynthParams)
-    model: ModelParams = field(default_factory=ModelParams)
-    train: TrainParams = field(default_factory=TrainParams)
-    mlflow: MlflowParams = field(default_factory=MlflowParams)
-    tune: TuneParams = field(default_factory=TuneParams)
-    promote: PromoteParams = field(default_factory=PromoteParams)
-    measured: MeasuredParams = field(default_factory=MeasuredParams)
-
-    def validate(self) -> None:
-        _check(self.seed >= 0, "seed", "must be >= 0")
+    seed: Int = Field(42, ge=0)
+    ingest: IngestParams = Field(default_factory=IngestParams)
+    labels: LabelsParams = Field(default_factory=LabelsParams)
+    simulate: SimulateParams = Field(default_factory=SimulateParams)
+    augment: AugmentParams = Field(default_factory=AugmentParams)
+    render: RenderParams = Field(default_factory=RenderParams)
+    split: SplitParams = Field(default_factory=SplitParams)
+    synth: SynthParams = Field(default_factory=SynthParams)
+    model: ModelParams = Field(default_factory=ModelParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+    mlflow: MlflowParams = Field(default_factory=MlflowParams)
+    tune: TuneParams = Field(default_factory=TuneParams)
+    promote: PromoteParams = Field(default_factory=PromoteParams)
+    measured: MeasuredParams = Field(default_factory=MeasuredParams)
 
     def flat(self) -> dict[str, Any]:
         """``{"simulate.step": 0.02, ...}``: the form MLflow logs and ``dvc exp run -S`` takes."""
         out: dict[str, Any] = {}
-
-        def walk(obj: Any, prefix: str) -> None:
-            for f in dataclasses.fields(obj):
-                value = getattr(obj, f.name)
-                key = f"{prefix}{f.name}"
-                if dataclasses.is_dataclass(value):
-                    walk(value, key + ".")
-                else:
-                    out[key] = value
-
-        walk(self, "")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                out.update({f"{f.name}.{k}": v for k, v in dataclasses.asdict(value).items()})
+            else:
+                out[f.name] = value
         return out
 
 
-def _check(ok: bool, key: str, reason: str) -> None:
-    if not ok:
-        raise ConfigError(f"params: {key}: {reason}")
+_PARAMS = TypeAdapter(Params)
+_EXPECTED = {
+    "int_type": "an integer",
+    "float_type": "a number",
+    "bool_type": "true/false",
+    "string_type": "a string",
+}
+_EXPECTED_MAPPING = {"list_type": "a list", "dict_type": "a mapping", "dataclass_type": "a mapping"}
+_OPS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp`` (with int -> float widening)."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"params: {key}: expected a mapping, got {type(value).__name__}")
-        return _build(tp, value, key + ".")
-    if origin is Literal:
-        allowed = typing.get_args(tp)
-        if value not in allowed:
-            raise ConfigError(f"params: {key}: {value!r} is not one of {', '.join(map(str, allowed))}")
-        return value
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"params: {key}: expected a list, got {type(value).__name__}")
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"params: {key}: expected a mapping, got {type(value).__name__}")
-        return dict(value)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
+def _field_at(loc: tuple[Any, ...]) -> Any:
+    """The pydantic ``FieldInfo`` at ``loc`` below :class:`Params` (``None`` for the top, or no field)."""
+    info, tp = None, Params
+    for part in loc:
+        info = getattr(tp, "__pydantic_fields__", {}).get(part)
+        if info is None:
             return None
-        tp = next(a for a in args if a is not type(None))
-        return _coerce(value, tp, key)
-    if tp is Any:
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"params: {key}: expected true/false, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"params: {key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"params: {key}: expected an integer, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"params: {key}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a bug in this module, not user input
+        tp = info.annotation
+    return info
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in data:
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
-            raise ConfigError(f"params: {prefix}{key}: unknown key{hint}")
-    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
-    obj = cls(**kwargs)
-    if hasattr(obj, "validate"):
-        obj.validate()
-    return obj
+def _bounds(info: Any, ctx: dict[str, Any]) -> str:
+    """``must be > 0``, ``must be in [0, 13]``: all of a field's bounds, not only the one broken."""
+    b = {k: getattr(m, k) for m in info.metadata for k in _OPS if hasattr(m, k)} if info else ctx
+    if len(b) == 2:
+        low, high = b.get("ge", b.get("gt")), b.get("le", b.get("lt"))
+        return f"must be in {'(' if 'gt' in b else '['}{low:g}, {high:g}{')' if 'lt' in b else ']'}"
+    ((op, value),) = b.items()
+    return f"must be {_OPS[op]} {value:g}"
+
+
+def _message(err: dict[str, Any]) -> str:
+    """One pydantic error as ``params: <key>: <reason>``; a list item or a mapping key is ``<key>.<n>``."""
+    kind, value = err["type"], err.get("input")
+    loc = tuple(p for p in err["loc"] if p != "[key]") + ((err["ctx"]["key"],) if kind == "rule" else ())
+    key = ".".join(map(str, loc))
+    if kind == "rule":
+        reason = err["ctx"]["reason"]
+    elif kind in ("unexpected_keyword_argument", "extra_forbidden", "invalid_key"):
+        parent = getattr(_field_at(loc[:-1]), "annotation", None) if len(loc) > 1 else Params
+        close = difflib.get_close_matches(str(loc[-1]), list(getattr(parent, "__pydantic_fields__", {})), n=1)
+        reason = "unknown key" + (
+            f" (did you mean {'.'.join(map(str, (*loc[:-1], close[0])))}?)" if close else ""
+        )
+    elif kind in _EXPECTED:
+        reason = f"expected {_EXPECTED[kind]}, got {value!r}"
+    elif kind in _EXPECTED_MAPPING:
+        reason = f"expected {_EXPECTED_MAPPING[kind]}, got {type(value).__name__}"
+    elif kind == "literal_error":
+        reason = f"{value!r} is not one of {', '.join(typing.get_args(_field_at(loc).annotation))}"
+    elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        reason = _bounds(_field_at(loc), err.get("ctx", {}))
+    else:
+        reason = err["msg"]
+    return f"params: {key}: {' '.join(str(reason).split())}"
 
 
 def parse_params(data: dict[str, Any] | None) -> Params:
@@ -361,12 +329,10 @@ def parse_params(data: dict[str, Any] | None) -> Params:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError("params: the file must hold a mapping of sections")
-    params = _build(Params, data)
-    for f in dataclasses.fields(params):
-        value = getattr(params, f.name)
-        if dataclasses.is_dataclass(value) and hasattr(value, "validate"):
-            value.validate()
-    return params
+    try:
+        return _PARAMS.validate_python(data)
+    except ValidationError as exc:
+        raise ConfigError(_message(exc.errors(include_url=False)[0])) from None
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
