@@ -61,6 +61,19 @@ def test_compound_groups_are_transitive_and_order_free():
     assert compound_groups(rows[::-1]) == groups[::-1]
 
 
+def test_compound_groups_follow_a_long_chain_and_take_no_rows():
+    """A chain A-B, B-C, ... joined only through repeated COD ids is one group, named by its smallest key."""
+    rows = []
+    for i in range(50):
+        rows.append({"cod_id": str(i), "reduced_formula": f"X{i:02d}", "space_group": "1"})
+        rows.append({"cod_id": str(i), "reduced_formula": f"X{i + 1:02d}", "space_group": "1"})
+    rows.append({"cod_id": "99", "reduced_formula": "Y", "space_group": "2"})
+    groups = compound_groups(rows[::-1])
+    assert set(groups[1:]) == {"X00|1"} and groups[0] == "Y|2"
+    assert compound_groups([]) == []
+    assert compound_groups([{"cod_id": "7"}, {"cod_id": "7"}]) == ["id:7", "id:7"]
+
+
 def test_no_group_or_structure_crosses_splits(rows):
     groups, splits = _split_of_structures(rows)
     seen: dict[tuple[str, str], str] = {}

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.sparse import coo_array
+from scipy.sparse.csgraph import connected_components
 
 from xrdvision.config import Params
 from xrdvision.crystal.systems import CRYSTAL_SYSTEMS
@@ -29,31 +31,14 @@ from xrdvision.formats.atomic import atomic_open, write_json
 from xrdvision.formats.tables import SPLIT_COLUMNS, read_table
 
 SPLITS = ("train", "val", "test")
+# Written into summary.json (a DVC output): "union-find" names the grouping relation and stays word for
+# word so that the split's bytes do not change; compound_groups computes it as connected components.
 METHOD = (
     "groups = union-find over (reduced formula, space group) and COD id; per crystal system, groups "
     "shuffled (seeded), sorted by size (largest first); when a system has >= 3 groups, the smallest "
     "three seed test, val and train; the rest go one by one to the split with the smallest "
     "(structures + size/2) / target (Sainte-Lague apportionment)"
 )
-
-
-class _UnionFind:
-    def __init__(self) -> None:
-        self.parent: dict[Any, Any] = {}
-
-    def find(self, x: Any) -> Any:
-        self.parent.setdefault(x, x)
-        root = x
-        while self.parent[root] != root:
-            root = self.parent[root]
-        while self.parent[x] != root:  # path compression
-            self.parent[x], x = root, self.parent[x]
-        return root
-
-    def union(self, a: Any, b: Any) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
 
 
 def _compound_key(row: Mapping[str, Any]) -> str | None:
@@ -67,26 +52,28 @@ def _compound_key(row: Mapping[str, Any]) -> str | None:
 def compound_groups(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """A group id per row: rows sharing ``(reduced_formula, space_group)`` or ``cod_id`` share a group.
 
-    The two relations are joined transitively (union-find), so a COD id listed twice with different
-    labels pulls both compounds into one group. The id is ``"<formula>|<space group>"`` (the smallest
+    The two relations are joined transitively (connected components of the graph whose nodes are COD
+    ids and compound keys, ``scipy.sparse.csgraph``), so a COD id listed twice with different labels
+    pulls both compounds into one group. The id is ``"<formula>|<space group>"`` (the smallest
     such key in the group), or ``"id:<cod_id>"`` for a row without labels; it does not depend on the
     order of ``rows``. ``reduced_formula`` is used, falling back to ``formula``.
     """
-    uf = _UnionFind()
-    for row in rows:
-        node = ("id", str(row["cod_id"]).strip())
-        uf.find(node)
-        key = _compound_key(row)
-        if key is not None:
-            uf.union(node, ("key", key))
-    names: dict[Any, str] = {}
-    for node in sorted(uf.parent):  # ("id", ...) < ("key", ...): a key names its group when there is one
-        root = uf.find(node)
-        kind, value = node
-        name = value if kind == "key" else f"id:{value}"
-        if root not in names or (kind == "key" and names[root].startswith("id:")):
-            names[root] = name
-    return [names[uf.find(("id", str(row["cod_id"]).strip()))] for row in rows]
+    if not rows:
+        return []
+    ids = [str(row["cod_id"]).strip() for row in rows]
+    keys = [_compound_key(row) for row in rows]
+    # One graph node per distinct COD id, then one per distinct compound key; an edge joins a row's two.
+    node = {x: i for i, x in enumerate(dict.fromkeys(ids))}
+    key_node = {k: len(node) + j for j, k in enumerate(dict.fromkeys(k for k in keys if k is not None))}
+    edges = np.array([(node[x], key_node[k]) for x, k in zip(ids, keys, strict=True) if k is not None], int)
+    edges = edges.reshape(-1, 2)
+    n = len(node) + len(key_node)
+    graph = coo_array((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n))
+    _, component = connected_components(graph, directed=False)
+    names: dict[int, str] = {}  # a group is named by its smallest key; a row without one stands alone
+    for k, i in sorted(key_node.items()):
+        names.setdefault(int(component[i]), k)
+    return [names.get(int(component[node[x]]), f"id:{x}") for x in ids]
 
 
 def _label_rng(seed: int, label: str) -> np.random.Generator:
