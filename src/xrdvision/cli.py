@@ -1,13 +1,16 @@
 """``xrdvision`` command: one subcommand per DVC stage, plus the user-facing tools.
 
 Each subcommand is a thin wrapper: read ``params.yaml`` once, call the stage's function, print one
-summary line. Every :class:`~xrdvision.errors.XrdVisionError` (bad input, bad settings) is printed as
-one line ``xrdvision: error: <file or key>: <reason>`` with exit status 1, never a traceback.
+summary line on stdout. Library modules log (``logging``) to stderr: progress notes at INFO (shown by
+default), skipped items at WARNING; ``-v`` adds DEBUG, ``-q`` keeps only warnings (and hides progress
+bars). Every :class:`~xrdvision.errors.XrdVisionError` (bad input, bad settings) is printed as one
+line ``xrdvision: error: <file or key>: <reason>`` with exit status 1, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -15,6 +18,17 @@ from pathlib import Path
 
 from xrdvision.config import Params, load_params
 from xrdvision.errors import XrdVisionError
+
+
+def configure_logging(verbose: bool = False, quiet: bool = False) -> None:
+    """Show ``xrdvision``'s log records on stderr: INFO by default, DEBUG with -v, WARNING with -q.
+
+    Other libraries' loggers stay at WARNING even with -v (Pillow and matplotlib debug every file).
+    """
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    fmt = "%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s"
+    logging.basicConfig(level=logging.WARNING, format=fmt, stream=sys.stderr)
+    logging.getLogger("xrdvision").setLevel(level)
 
 
 def _quiet_tensorflow() -> None:
@@ -176,13 +190,20 @@ def build_parser() -> argparse.ArgumentParser:
         "(VGG16, DVC, MLflow).",
     )
     parser.add_argument("--params", default="params.yaml", help="settings file (default: params.yaml)")
+    shown = parser.add_mutually_exclusive_group()
+    shown.add_argument("-v", "--verbose", action="store_true", help="also show debug messages")
+    shown.add_argument("-q", "--quiet", action="store_true", help="show warnings and errors only")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, func: Callable, help: str, **paths: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help, description=help)
+        # argparse %-formats help strings: a bare % ("95% CI") must be written %%.
+        sp = sub.add_parser(name, help=help.replace("%", "%%"), description=help)
         for key, default in paths.items():
             sp.add_argument(
-                f"--{key.replace('_', '-')}", dest=key, default=default, help=f"(default: {default})"
+                f"--{key.replace('_', '-')}",
+                dest=key,
+                default=default,
+                help=f"(default: {default})".replace("%", "%%"),
             )
         sp.set_defaults(func=func)
         return sp
@@ -317,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_tensorflow()
     parser = build_parser()
     args = parser.parse_args(argv)
+    configure_logging(verbose=args.verbose, quiet=args.quiet)
     try:
         params = load_params(args.params)
         status = args.func(params, args)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import logging
 import multiprocessing
 import re
 import struct
@@ -37,6 +38,8 @@ from xrdvision.config import Params
 from xrdvision.data.augment import augment_pattern, copy_rng
 from xrdvision.errors import InputError
 from xrdvision.formats.atomic import atomic_open, atomic_path, file_digest
+
+log = logging.getLogger(__name__)
 
 # 72 dots per inch makes one point one pixel, so ``render.line_width`` reads as pixels.
 _DPI = 72
@@ -308,7 +311,8 @@ def run_render(params: Params, patterns_dir: Path, out_dir: Path) -> dict[str, A
     n = len(pats.ids)
     results: list[tuple[int, list[tuple[str, str, int]], int, str]] = []
     workers = min(params.render.workers, max(n, 1))
-    progress = tqdm(total=n, desc="render", unit="structure")
+    quiet = not log.isEnabledFor(logging.INFO)  # the CLI's --quiet hides progress bars too
+    progress = tqdm(total=n, desc="render", unit="structure", disable=quiet)
     try:
         if workers <= 1:
             _init_worker(str(patterns_file), params, str(out_dir))
@@ -331,6 +335,8 @@ def run_render(params: Params, patterns_dir: Path, out_dir: Path) -> dict[str, A
     results.sort(key=lambda r: r[0])
     rows = [row for r in results for row in r[1]]
     skipped = [r[3] for r in results if r[3]]
+    for line in skipped:
+        log.warning("render: skipped: %s", line)
     with atomic_open(out_dir / INDEX_FILE, "w", encoding="utf-8", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["image", "cod_id", "copy"])

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import logging
 import time
 import warnings
 from dataclasses import replace
@@ -38,6 +39,8 @@ from xrdvision.crystal.systems import CRYSTAL_SYSTEMS
 from xrdvision.errors import XrdVisionError
 from xrdvision.formats.atomic import atomic_open, write_json
 from xrdvision.formats.tables import SPLIT_COLUMNS, read_table
+
+log = logging.getLogger(__name__)
 
 SG_RANGES = {
     "triclinic": (1, 2),
@@ -85,9 +88,10 @@ def element_sets(formulas: list[str], max_species: int) -> list[tuple[str, ...]]
         if elements:
             out.add(elements)
     if unreadable:
-        print(
-            f"synthesize: {len(unreadable)} training formula(s) unreadable, not used as chemistry: "
-            f"{unreadable[:3]}"
+        log.warning(
+            "synthesize: %d training formula(s) unreadable, not used as chemistry: %s",
+            len(unreadable),
+            unreadable[:3],
         )
     if not out:
         raise XrdVisionError("synthesize: no element set could be read from the training formulas")
@@ -207,7 +211,8 @@ def generate_cifs(
             fh.write(text)
         made += 1
 
-    bar = tqdm(total=len(todo), initial=kept, desc="synthesize", unit="crystal")
+    quiet = not log.isEnabledFor(logging.INFO)  # the CLI's --quiet hides progress bars too
+    bar = tqdm(total=len(todo), initial=kept, desc="synthesize", unit="crystal", disable=quiet)
     workers = min(params.simulate.workers, len(tasks))
     if workers <= 1:
         for task in tasks:
@@ -247,7 +252,7 @@ def run_synthesize(params: Params, split_dir: Path, manifest: Path, out_dir: Pat
     manifest_rows = read_table(Path(manifest), ["cod_id", "formula"], "simulate manifest")
     gen = generate_cifs(params, train_rows, manifest_rows, out_dir / "cifs")
     for line in gen["failed"]:
-        print(f"skipped: {line}")
+        log.warning("synthesize: skipped: %s", line)
     sim = run_simulate(params, out_dir / "cifs", out_dir / "patterns", progress=True)
     render_params = replace(params, augment=replace(params.augment, copies=sp.copies))
     run_render(render_params, out_dir / "patterns", out_dir / "images")
