@@ -63,7 +63,7 @@ def default_model(params: Params):
     """An ImageNet VGG16 with an untrained 7-class head, as a LoadedModel."""
     from xrdvision.crystal.labels import class_names
     from xrdvision.models.vgg16 import build_model
-    from xrdvision.serve.predict import LoadedModel
+    from xrdvision.serve.loading import LoadedModel
 
     classes = class_names("crystal_system")
     net = build_model(len(classes), params.model, seed=params.seed)
@@ -99,7 +99,8 @@ def gap_study() -> dict:
     from xrdvision.config import LabelsParams, SimulateParams
     from xrdvision.crystal.profile import grid
     from xrdvision.data.simulate import simulate_file
-    from xrdvision.serve.measured import read_pattern, to_training_grid
+    from xrdvision.formats.scans import read_pattern
+    from xrdvision.serve.preprocess import to_training_grid
 
     g = grid(5.0, 90.0, 0.02)
     window = (g >= 6) & (g <= 64)  # RockJock stops at 65 degrees
@@ -153,9 +154,12 @@ def main() -> None:
 
     from xrdvision.crystal.profile import grid
     from xrdvision.data.simulate import simulate_file
+    from xrdvision.formats.scans import read_pattern
     from xrdvision.models.features import load_image
-    from xrdvision.serve.measured import read_pattern, to_training_grid
-    from xrdvision.serve.predict import Preparer, load_model, predict_files
+    from xrdvision.serve.inputs import Preparer
+    from xrdvision.serve.loading import load_model
+    from xrdvision.serve.predict import predict_files
+    from xrdvision.serve.preprocess import to_training_grid
 
     params = Params()
     sim = params.simulate

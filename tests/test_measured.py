@@ -15,14 +15,8 @@ from xrdvision.config import SimulateParams
 from xrdvision.crystal.bragg import CU_KA1, convert_wavelength
 from xrdvision.crystal.profile import grid
 from xrdvision.errors import InputError
-from xrdvision.serve.measured import (
-    MIN_POINTS,
-    measured_range,
-    read_pattern,
-    snip_background,
-    source_wavelength,
-    to_training_grid,
-)
+from xrdvision.formats.scans import MIN_POINTS, measured_range, read_pattern
+from xrdvision.serve.preprocess import snip_background, source_wavelength, to_training_grid
 
 SIM = SimulateParams()
 GRID = grid(SIM.two_theta_min, SIM.two_theta_max, SIM.step)

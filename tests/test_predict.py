@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import shutil
 import socket
@@ -133,7 +134,7 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(trained):
-    from xrdvision.serve.predict import load_model
+    from xrdvision.serve.loading import load_model
 
     return load_model(trained.params, f"models:/{NAME}@challenger")
 
@@ -232,7 +233,8 @@ def test_batching_does_not_change_results(trained, loaded, inputs, mixed):
 
 
 def test_measured_pattern_notes_and_wavelength_option(trained, loaded, mixed):
-    from xrdvision.serve.predict import Preparer, predict_files
+    from xrdvision.serve.inputs import Preparer
+    from xrdvision.serve.predict import predict_files
 
     assert mixed["rockjock"].notes[0] == "wavelength 1.5418 A (file)"
     (co,) = predict_files([ROCKJOCK], trained.params, model=loaded, wavelength=1.7902)
@@ -284,7 +286,7 @@ def test_model_uri_forms_give_the_same_model(trained, loaded, inputs):
     """Alias, version, run URI, the DVC models folder and the .keras file: one model, five doors; the
     class list comes from the version tag, the MLflow metadata or classes.json."""
     from xrdvision.models.features import load_image
-    from xrdvision.serve.predict import load_model
+    from xrdvision.serve.loading import load_model
 
     x = load_image(inputs["train_png"])[None]
     ref = loaded.predict(x)
@@ -308,7 +310,7 @@ def test_model_uri_forms_give_the_same_model(trained, loaded, inputs):
 def test_default_is_champion_and_a_missing_alias_says_what_exists(trained):
     import mlflow
 
-    from xrdvision.serve.predict import default_model_uri, load_model
+    from xrdvision.serve.loading import default_model_uri, load_model
 
     params = trained.params
     assert default_model_uri(params) == f"models:/{NAME}@champion"
@@ -328,7 +330,8 @@ def test_default_is_champion_and_a_missing_alias_says_what_exists(trained):
 
 
 def test_image_settings_differing_from_training_are_warned(trained, loaded, mixed):
-    from xrdvision.serve.predict import format_table, load_model, to_json
+    from xrdvision.serve.loading import load_model
+    from xrdvision.serve.predict import format_table, to_json
 
     assert loaded.warnings == [] and mixed["rruff"].warnings == []
     changed = replace(trained.params, simulate=replace(trained.params.simulate, step=0.01, kalpha2=True))
@@ -342,8 +345,21 @@ def test_image_settings_differing_from_training_are_warned(trained, loaded, mixe
     assert json.loads(to_json([pred]))["warnings"] == lm.warnings
 
 
+def test_error_line_names_the_file_once_and_keeps_one_line():
+    """A failed file's line: an InputError as it is, an XrdVisionError with the path prefixed once, an
+    unexpected exception as the path and ``errors.one_line`` (its type and first message line)."""
+    from xrdvision.serve.inputs import error_line
+
+    path = Path("scans/a.xy")
+    assert error_line(path, InputError(path, "empty file")) == "scans/a.xy: empty file"
+    assert error_line(path, XrdVisionError("no\n  signal")) == "scans/a.xy: no signal"
+    assert error_line(path, XrdVisionError("scans/a.xy: bad")) == "scans/a.xy: bad"
+    assert error_line(path, ValueError("broken\ntraceback detail")) == "scans/a.xy: ValueError: broken"
+    assert error_line(path, KeyError()) == "scans/a.xy: KeyError"
+
+
 def test_bad_model_references(trained, tmp_path):
-    from xrdvision.serve.predict import load_model
+    from xrdvision.serve.loading import load_model
 
     params = trained.params
     with pytest.raises(XrdVisionError, match=r"models:/nope@champion: no registered model 'nope'"):
@@ -395,17 +411,19 @@ def _subset_folder(root: Path) -> Path:
     return folder
 
 
-def test_evaluate_measured_on_real_patterns(trained, loaded, tmp_path):
+def test_evaluate_measured_on_real_patterns(trained, loaded, tmp_path, caplog):
     import mlflow
 
-    from xrdvision.serve.predict import predict_files, run_evaluate_measured
+    from xrdvision.serve.evaluate_measured import run_evaluate_measured
+    from xrdvision.serve.predict import predict_files
 
     folder = _subset_folder(tmp_path)
     params = replace(trained.params, measured=replace(trained.params.measured, folder=str(folder)))
     out = tmp_path / "reports" / "measured"
-    m = run_evaluate_measured(
-        params, f"models:/{NAME}@challenger", tmp_path / "metrics" / "measured.json", out
-    )
+    with caplog.at_level(logging.WARNING, logger="xrdvision"):
+        m = run_evaluate_measured(
+            params, f"models:/{NAME}@challenger", tmp_path / "metrics" / "measured.json", out
+        )
 
     assert m["skipped"] is False and m["label_mode"] == "crystal_system"
     assert (m["n_index"], m["n"], m["n_unlabelled"], m["n_failed"]) == (8, 5, 1, 2)
@@ -435,6 +453,11 @@ def test_evaluate_measured_on_real_patterns(trained, loaded, tmp_path):
     assert [f["file"] for f in failures] == ["rockjock/not_there.xy", "rockjock/corrupt.xy"]
     assert failures[0]["reason"].endswith("not_there.xy: file not found")
     assert "line 2: 'abc' is not a number" in failures[1]["reason"]
+    skipped = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(skipped) == 2 and "not_there.xy: file not found" in skipped[0] and "corrupt.xy" in skipped[1]
+    # the report tables keep the csv module's row ending
+    head = (out / "predictions.csv").read_bytes().split(b"\n", 1)[0]
+    assert head == b"file,source,actual,predicted,p_predicted,p_actual,top3,correct\r"
 
     matrix = list(csv.reader((out / "confusion_matrix.csv").read_text().splitlines()))
     assert sum(int(v) for r in matrix[1:] for v in r[1:]) == 5
@@ -454,7 +477,7 @@ def test_evaluate_measured_on_real_patterns(trained, loaded, tmp_path):
 
 
 def test_evaluate_measured_skipped_without_a_folder(trained, tmp_path):
-    from xrdvision.serve.predict import run_evaluate_measured
+    from xrdvision.serve.evaluate_measured import run_evaluate_measured
 
     # the model is not even looked at: a path that does not exist is fine here
     empty = replace(trained.params, measured=replace(trained.params.measured, folder=""))
@@ -469,7 +492,8 @@ def test_evaluate_measured_skipped_without_a_folder(trained, tmp_path):
 
 
 def test_serving_payload_is_the_predicted_image(trained, inputs):
-    from xrdvision.serve.predict import Preparer, serving_payload
+    from xrdvision.serve.inputs import Preparer
+    from xrdvision.serve.predict import serving_payload
 
     payload = serving_payload(inputs["unseen_cif"], trained.params)
     x = np.asarray(payload["inputs"], dtype=np.float32)

@@ -169,7 +169,7 @@ def cmd_predict(p: Params, a: argparse.Namespace) -> int:
 
 
 def cmd_evaluate_measured(p: Params, a: argparse.Namespace) -> None:
-    from xrdvision.serve.predict import run_evaluate_measured
+    from xrdvision.serve.evaluate_measured import run_evaluate_measured
 
     m = run_evaluate_measured(p, a.models, Path(a.metrics), Path(a.out))
     if m.get("skipped"):
