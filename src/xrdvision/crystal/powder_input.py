@@ -1,0 +1,198 @@
+"""A structure given as plain arrays, checked and turned into what the batch simulator computes with.
+
+Why a check of its own? The batch simulator (:mod:`xrdvision.crystal.powder`) takes structures as
+arrays straight from a data file, with no pymatgen object that would have refused a broken one. A
+record with an unknown element, a NaN coordinate, a flat cell or two atoms on top of each other would
+otherwise give a pattern of NaNs or nonsense that nobody notices among 10^5; here each raises one
+``ValueError`` that says what is wrong and with which atom, and the batch reports it and goes on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from xrdvision.crystal.form_factors import FormFactorTable
+
+MIN_DISTANCE_A = 0.5  # atoms closer than this are "overlapping" (pymatgen's default proximity check)...
+MAX_OCCUPANCY_SUM = 1.001  # ...unless they share the site: occupancies that add up to at most 1
+_DIST_CHUNK = 1 << 20  # atom pairs per block of the overlap check
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A checked structure in a reduced cell (see :func:`reduce_cell`): its metric ``g`` and
+    reciprocal metric ``g_star`` (s^2 = h G* h); fractional coordinates (N, 3) and occupancies (N,)
+    of the atoms, sorted by species; the S species' rows in the form-factor table, species ``s``
+    being atoms ``starts[s]:starts[s + 1]``; ``hkl_to_cell`` (3, 3) int turns reduced-cell Miller
+    indices (rows) into those of the cell given."""
+
+    g: np.ndarray
+    g_star: np.ndarray
+    frac: np.ndarray
+    occ: np.ndarray
+    rows: np.ndarray
+    starts: np.ndarray
+    hkl_to_cell: np.ndarray
+
+
+def metric(cell: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Real-space metric tensor G (3, 3) of ``(a, b, c, alpha, beta, gamma)`` or of a lattice matrix
+    (rows a, b, c); ``ValueError`` for a cell that is not finite or has (almost) no volume."""
+    arr = np.asarray(cell, dtype=np.float64)
+    if arr.shape == (3, 3):
+        g = arr @ arr.T
+    elif arr.shape == (6,):
+        if not np.isfinite(arr).all():
+            raise ValueError(f"cell has non-finite parameters {arr.tolist()}")
+        a, b, c = arr[:3]
+        if min(a, b, c) <= 0 or not all(0 < x < 180 for x in arr[3:]):
+            raise ValueError(f"impossible cell {arr.tolist()} (lengths > 0, angles in (0, 180) needed)")
+        ca, cb, cg = np.cos(np.radians(arr[3:]))
+        g = np.array(
+            [
+                [a * a, a * b * cg, a * c * cb],
+                [a * b * cg, b * b, b * c * ca],
+                [a * c * cb, b * c * ca, c * c],
+            ]
+        )
+    else:
+        raise ValueError(f"cell must be 6 parameters or a 3x3 matrix, got shape {arr.shape}")
+    if not np.isfinite(g).all():
+        raise ValueError("cell is not finite")
+    lengths = np.sqrt(np.diag(g))
+    volume2 = float(np.linalg.det(g))
+    if not volume2 > (1e-3 * float(np.prod(lengths))) ** 2:
+        volume = np.sqrt(max(volume2, 0.0))
+        raise ValueError(
+            f"zero-volume cell (V = {volume:.3g} A^3 for a, b, c = {np.round(lengths, 4).tolist()})"
+        )
+    return g
+
+
+def reduce_cell(g: np.ndarray) -> np.ndarray:
+    """An integer matrix M (det +-1) such that the basis ``M @ (a, b, c)`` is pairwise reduced:
+    ``|2 a_i . a_j| <= |a_j|^2``. A powder pattern does not depend on the basis, but the box of hkl the
+    simulator scores does: for a skewed cell (a quarter of the Materials Project cells as stored) it
+    can be 50 times the sphere of reflections; for a reduced one it is about twice. Greedy Gauss
+    steps on the metric, in plain floats (a 3x3 problem: numpy calls would cost more than the work).
+    """
+    m = [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
+    diag = np.diag(g)
+    if (2 * np.abs(g - np.diag(diag)) <= np.minimum.outer(diag, diag) * (1 + 1e-6)).all():
+        return np.array(m, dtype=np.int64)  # already reduced (most cells)
+    gm = g.tolist()
+
+    def dot(u: list[int], v: list[int]) -> float:
+        return sum(u[i] * gm[i][j] * v[j] for i in range(3) for j in range(3))
+
+    for _ in range(100):
+        changed = False
+        for i in range(3):
+            for j in range(3):
+                if i == j:
+                    continue
+                r = round(dot(m[i], m[j]) / dot(m[j], m[j]))
+                if r:
+                    m[i] = [m[i][k] - r * m[j][k] for k in range(3)]
+                    changed = True
+        if not changed:
+            break
+    return np.array(m, dtype=np.int64)
+
+
+def inverse_int(m: np.ndarray) -> np.ndarray:
+    """The inverse of an integer matrix with determinant +-1 (exact: its adjugate)."""
+    return np.rint(np.linalg.inv(m)).astype(np.int64)
+
+
+def check_overlaps(
+    frac: np.ndarray, occ: np.ndarray, g: np.ndarray, g_star: np.ndarray, names: Sequence[object]
+) -> None:
+    """``ValueError`` naming the first pair of atoms closer than :data:`MIN_DISTANCE_A` whose
+    occupancies add up to more than 1 (two halves of a disordered site may share a position).
+
+    The nearest image of a pair is the one with the fractional difference wrapped to [-0.5, 0.5]
+    whenever every cell height is above twice the distance limit; else all 27 neighbours are tried.
+    """
+    n = len(frac)
+    if n < 2:
+        return
+    basis = np.linalg.cholesky(g)  # lower triangular, rows: a, b, c in a Cartesian frame (L L^T = G)
+    heights = 1 / np.sqrt(np.diag(g_star))
+    shifts = np.zeros((1, 3))
+    if heights.min() < 2 * MIN_DISTANCE_A:
+        grid = np.arange(-1, 2, dtype=np.float64)
+        shifts = np.stack(np.meshgrid(grid, grid, grid, indexing="ij"), axis=-1).reshape(-1, 3)
+    x, y, z = frac.T.astype(np.float32)
+    rows = max(1, _DIST_CHUNK // n)
+    later = np.arange(n)[None, :]
+    for start in range(0, n - 1, rows):
+        i = slice(start, min(start + rows, n - 1))
+        wrapped = [c[None, :] - c[i, None] for c in (x, y, z)]
+        for d in wrapped:
+            d -= np.rint(d)
+        dist2 = np.full(wrapped[0].shape, np.inf, dtype=np.float32)
+        for sx, sy, sz in shifts:
+            d0, d1, d2 = wrapped[0] + sx, wrapped[1] + sy, wrapped[2] + sz
+            c0 = d0 * basis[0, 0] + d1 * basis[1, 0] + d2 * basis[2, 0]
+            c1 = d1 * basis[1, 1] + d2 * basis[2, 1]
+            c2 = d2 * basis[2, 2]
+            np.minimum(dist2, c0 * c0 + c1 * c1 + c2 * c2, out=dist2)
+        close = (dist2 < MIN_DISTANCE_A**2) & (later > np.arange(i.start, i.stop)[:, None])
+        if not close.any():
+            continue
+        close &= occ[i, None] + occ[None, :] > MAX_OCCUPANCY_SUM
+        if close.any():
+            a, b = np.argwhere(close)[0]
+            raise ValueError(
+                f"overlapping atoms: {names[start + a]} (atom {start + a}) and {names[b]} (atom {b}) "
+                f"are {np.sqrt(dist2[a, b]):.3f} A apart"
+            )
+
+
+def prepare(
+    cell: Sequence[float] | np.ndarray,
+    species: Sequence[str | int],
+    frac: Sequence[Sequence[float]] | np.ndarray,
+    occupancy: Sequence[float] | np.ndarray | None,
+    table: FormFactorTable,
+) -> Prepared:
+    """Check one structure and index its species in ``table``; ``ValueError`` saying what is wrong."""
+    g = metric(cell)
+    xyz = np.asarray(frac, dtype=np.float64)
+    if xyz.ndim != 2 or xyz.shape[1] != 3 or len(xyz) == 0:
+        raise ValueError(f"fractional coordinates must be (N >= 1, 3), got shape {xyz.shape}")
+    if len(species) != len(xyz):
+        raise ValueError(f"{len(species)} species for {len(xyz)} coordinates")
+    bad = np.flatnonzero(~np.isfinite(xyz).all(axis=1))
+    if bad.size:
+        raise ValueError(f"non-finite fractional coordinates (atom {bad[0]}: {xyz[bad[0]].tolist()})")
+    occ = np.ones(len(xyz)) if occupancy is None else np.asarray(occupancy, dtype=np.float64)
+    if occ.shape != (len(xyz),):
+        raise ValueError(f"{occ.size} occupancies for {len(xyz)} atoms")
+    bad = np.flatnonzero(~((occ > 0) & (occ <= 1)))
+    if bad.size:
+        raise ValueError(f"occupancy must be in (0, 1] (atom {bad[0]}: {occ[bad[0]]})")
+    row_of: dict[str | int, int] = {}
+    for name in dict.fromkeys(species):
+        try:
+            row_of[name] = table.lookup(name)
+        except KeyError as exc:
+            first = list(species).index(name)
+            raise ValueError(f"{exc.args[0]} (atom {first})") from None
+    m = reduce_cell(g)
+    m_inv = np.eye(3, dtype=np.int64)
+    if (m != m_inv).any():
+        m_inv = inverse_int(m)
+        g = m @ g @ m.T
+        xyz = xyz @ m_inv  # the same atoms in the reduced basis: r = x B = (x M^-1)(M B)
+    g_star = np.linalg.inv(g)
+    check_overlaps(xyz, occ, g, g_star, species)
+    atom_rows = np.array([row_of[name] for name in species], dtype=np.int64)
+    order = np.argsort(atom_rows, kind="stable")
+    rows, counts = np.unique(atom_rows, return_counts=True)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    return Prepared(g, g_star, xyz[order], occ[order], rows, starts, m_inv.T.copy())
