@@ -33,8 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
 
 from xrdvision.config import AugmentParams, Params, RenderParams  # noqa: E402
-from xrdvision.data.render import Renderer, load_patterns, run_render  # noqa: E402
+from xrdvision.data.render import Renderer, run_render  # noqa: E402
 from xrdvision.formats.atomic import write_json  # noqa: E402
+from xrdvision.formats.patterns import load_patterns  # noqa: E402
 
 SIZE, DPI = 224, 72
 

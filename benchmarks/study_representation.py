@@ -184,7 +184,7 @@ def main() -> None:
     from sklearn.dummy import DummyClassifier
     from sklearn.ensemble import ExtraTreesClassifier
 
-    from xrdvision.data.render import load_patterns
+    from xrdvision.formats.patterns import load_patterns
     from xrdvision.formats.tables import read_table
     from xrdvision.models.vgg16 import resolve_weights
 

@@ -18,7 +18,7 @@ from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
 from xrdvision.config import SimulateParams
 from xrdvision.crystal.profile import grid, profile_pattern
-from xrdvision.data.simulate import MANIFEST_COLUMNS  # the file contract; the physics here is pymatgen's
+from xrdvision.formats.patterns import MANIFEST_COLUMNS  # the file contract; the physics is pymatgen's
 
 # Small cells (fast to simulate) from ../shared/cod/INDEX.csv; 1000017 and 1000032 are both corundum
 # (Al2O3, R-3c): one compound group, which the split must keep together.

@@ -14,8 +14,9 @@ from helpers_patterns import SMALL_CIFS, build_patterns
 from xrdvision.config import AugmentParams, Params, RenderParams
 from xrdvision.crystal.profile import grid, profile_pattern
 from xrdvision.data.augment import augment_pattern, copy_rng
-from xrdvision.data.render import STATE_FILE, Renderer, encode_png, load_patterns, run_render
+from xrdvision.data.render import STATE_FILE, Renderer, encode_png, run_render
 from xrdvision.errors import InputError
+from xrdvision.formats.patterns import load_patterns
 
 SIZE = 224
 G = grid(5.0, 90.0, 0.02)

@@ -8,6 +8,7 @@ import dataclasses
 import io
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,17 +19,19 @@ from pymatgen.analysis.diffraction.xrd import XRDCalculator
 import xrdvision.data.simulate as simulate
 from xrdvision.config import LabelsParams, Params, SimulateParams
 from xrdvision.crystal.bragg import CU_KA2
+from xrdvision.crystal.diffraction import merge_lines, simulate_peaks
 from xrdvision.crystal.labels import read_structure
+from xrdvision.crystal.profile import grid, profile_pattern
+from xrdvision.data.pool import TaskFailure
 from xrdvision.data.simulate import (
     NO_REFLECTIONS,
-    merge_lines,
     reason_group,
     run_simulate,
     simulate_file,
-    simulate_peaks,
     summary_line,
 )
 from xrdvision.errors import InputError
+from xrdvision.formats.patterns import MANIFEST_COLUMNS
 
 # Various systems: NaCl, Si, alpha-Fe (cubic); corundum, quartz (trigonal); graphite-like C (hexagonal);
 # aragonite-like CaCO3 (orthorhombic); organic P2_1/c and Hg complex (monoclinic); two organic P-1.
@@ -133,9 +136,9 @@ def test_symmetry_reduction_changes_nothing(cod_dir: Path, cod_id: str) -> None:
     structure = read_structure(cod_dir / f"{cod_id}.cif")
     fast = simulate_peaks(structure)
     p1 = simulate_peaks(structure, rotations=np.eye(3, dtype=int)[None])
-    g = simulate.grid(5, 90, 0.02)
-    a = simulate.profile_pattern(fast.two_theta, fast.intensity, g, 0.1)
-    b = simulate.profile_pattern(p1.two_theta, p1.intensity, g, 0.1)
+    g = grid(5, 90, 0.02)
+    a = profile_pattern(fast.two_theta, fast.intensity, g, 0.1)
+    b = profile_pattern(p1.two_theta, p1.intensity, g, 0.1)
     assert np.abs(a - b).max() < 1e-4
 
 
@@ -163,7 +166,7 @@ def test_simulate_file_record_and_kalpha2(cod_dir: Path) -> None:
     assert (
         rec1.labels is not None and rec1.labels.crystal_system == "cubic" and rec1.labels.space_group == 227
     )
-    g = simulate.grid(sim1.two_theta_min, sim1.two_theta_max, sim1.step)
+    g = grid(sim1.two_theta_min, sim1.two_theta_max, sim1.step)
     assert rec1.pattern is not None and rec2.pattern is not None
     assert rec1.pattern.shape == g.shape and rec1.pattern.max() == pytest.approx(1.0)
     for k in np.flatnonzero(rec1.peaks.two_theta > 60):
@@ -215,7 +218,7 @@ def test_run_simulate_outputs(tmp_path: Path, cod_dir: Path, bad_dir: Path) -> N
 
     rows = _manifest(tmp_path / "out" / "manifest.csv")
     assert [r["cod_id"] for r in rows] == sorted(BATCH_IDS + BAD_IDS)
-    assert list(rows[0]) == list(simulate.MANIFEST_COLUMNS)
+    assert list(rows[0]) == list(MANIFEST_COLUMNS)
     with open(cod_dir / "INDEX.csv", encoding="utf-8") as fh:
         index = {r["cod_id"]: r for r in csv.DictReader(fh)}
     for r in rows:
@@ -248,7 +251,7 @@ def test_run_simulate_outputs(tmp_path: Path, cod_dir: Path, bad_dir: Path) -> N
         seg = slice(off[i], off[i + 1])
         assert data["peak_intensity"][seg].max() == pytest.approx(1.0)
         # the pattern is the profile of this very peak list
-        again = simulate.profile_pattern(
+        again = profile_pattern(
             data["peak_two_theta"][seg],
             data["peak_intensity"][seg],
             data["two_theta"],
@@ -283,12 +286,13 @@ def test_timeout_stops_a_slow_cif_and_the_batch_goes_on(tmp_path: Path, cod_dir:
 
 
 def test_outputs_hash_the_same_on_every_run(tmp_path: Path, cod_dir: Path, bad_dir: Path) -> None:
-    """DVC records the outputs' hashes in dvc.lock: a rerun (a fresh clone's `dvc repro`) must match them,
-    so no wall time or other per-run value may be written into the manifest or the npz."""
+    """DVC records the outputs' hashes in dvc.lock: a rerun (a fresh clone's `dvc repro`, on a machine
+    with another number of cores) must match them, so no wall time or other per-run value may be written
+    into the manifest or the npz, and the order results come back from the workers must not matter."""
     folder = _folder(tmp_path, cod_dir, bad_dir, BATCH_IDS[:3], BAD_IDS[:1])
-    run_simulate(_params(), folder, tmp_path / "a", cache_dir=tmp_path / "cache_a", progress=False)
+    run_simulate(_params(workers=2), folder, tmp_path / "a", cache_dir=tmp_path / "cache_a", progress=False)
     time.sleep(1.1)  # so that a time stamp at one-second resolution would differ
-    run_simulate(_params(), folder, tmp_path / "b", cache_dir=tmp_path / "cache_b", progress=False)
+    run_simulate(_params(workers=1), folder, tmp_path / "b", cache_dir=tmp_path / "cache_b", progress=False)
     for name in ("manifest.csv", "patterns.npz"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 
@@ -330,6 +334,30 @@ def test_interrupted_run_resumes_from_the_cache(
         _params(two_theta_max=80.0), folder, tmp_path / "out3", cache_dir=cache, progress=False
     )
     assert other["n_computed"] == 6
+
+
+def test_dead_worker_is_a_failed_record_and_not_cached(
+    tmp_path: Path, cod_dir: Path, bad_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the pool reports for a worker that died (a segfault, an out-of-memory kill) becomes a failed
+    manifest row with the pool's one-line reason, and is not cached: the next run tries that CIF again."""
+    folder = _folder(tmp_path, cod_dir, bad_dir, BATCH_IDS[:2], [])
+    calls: list[int] = []
+
+    def all_die(function: object, tasks: list, on_result: Callable, **kw: object) -> None:
+        for index, _args in tasks:
+            calls.append(index)
+            on_result(index, TaskFailure("worker died (exit code -11)", crashed=True))
+
+    monkeypatch.setattr(simulate, "run_pool", all_die)
+    kw = {"cache_dir": tmp_path / "cache", "progress": False}
+    summary = run_simulate(_params(), folder, tmp_path / "out", **kw)
+    assert summary["n_failed"] == 2 and summary["reasons"] == {"worker died": 2}
+    rows = _manifest(tmp_path / "out" / "manifest.csv")
+    assert [r["reason"] for r in rows] == ["worker died (exit code -11)"] * 2
+    assert all(r["status"] == "failed" and r["crystal_system"] == "" for r in rows)
+    again = run_simulate(_params(), folder, tmp_path / "out", **kw)
+    assert again["n_computed"] == 2 and len(calls) == 4
 
 
 def test_reason_groups() -> None:

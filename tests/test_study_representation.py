@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from helpers_patterns import SMALL_CIFS, build_patterns
-from xrdvision.data.render import load_patterns
+from xrdvision.formats.patterns import load_patterns
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "study_representation.py"
 _spec = importlib.util.spec_from_file_location("study_representation", _PATH)

@@ -24,7 +24,6 @@ import re
 import struct
 import time
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +35,8 @@ from tqdm import tqdm
 
 from xrdvision.config import Params
 from xrdvision.data.augment import augment_pattern, copy_rng
-from xrdvision.errors import InputError
 from xrdvision.formats.atomic import atomic_open, atomic_path, file_digest
+from xrdvision.formats.patterns import Patterns, load_patterns
 
 log = logging.getLogger(__name__)
 
@@ -133,64 +132,6 @@ def encode_png(rgb: np.ndarray, level: int = 3) -> bytes:
             _png_chunk(b"IDAT", zlib.compress(raw.tobytes(), level)),
             _png_chunk(b"IEND", b""),
         )
-    )
-
-
-@dataclass(frozen=True)
-class Patterns:
-    """The contents of ``patterns.npz`` (see docs/dataflow.md)."""
-
-    ids: list[str]
-    peak_offsets: np.ndarray
-    peak_two_theta: np.ndarray
-    peak_intensity: np.ndarray
-    peak_d: np.ndarray
-    two_theta: np.ndarray
-    intensity: np.ndarray
-    wavelength: float
-
-    def peaks(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Peak list ``(two_theta, intensity, d)`` of structure ``i``."""
-        a, b = int(self.peak_offsets[i]), int(self.peak_offsets[i + 1])
-        return self.peak_two_theta[a:b], self.peak_intensity[a:b], self.peak_d[a:b]
-
-
-_KEYS = ("ids", "peak_offsets", "peak_two_theta", "peak_intensity", "peak_d", "two_theta", "intensity")
-
-
-def load_patterns(path: str | Path) -> Patterns:
-    """Read and check ``patterns.npz``; any inconsistency is an :class:`InputError` naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "patterns file not found (run the simulate stage first)")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in (*_KEYS, "wavelength") if k not in z.files]
-            if missing:
-                raise InputError(path, f"missing arrays: {', '.join(missing)}")
-            arrays = {k: z[k] for k in _KEYS}
-            wavelength = float(z["wavelength"])
-    except (OSError, ValueError) as exc:
-        raise InputError(path, f"not a readable .npz file ({exc})") from None
-    ids = [str(i) for i in arrays["ids"].tolist()]
-    n, p = len(ids), arrays["peak_two_theta"].shape[0]
-    offsets = arrays["peak_offsets"].astype(np.int64)
-    if offsets.shape != (n + 1,) or offsets[0] != 0 or offsets[-1] != p or np.any(np.diff(offsets) < 0):
-        raise InputError(path, f"peak_offsets must be {n + 1} increasing values from 0 to {p}")
-    if arrays["peak_intensity"].shape != (p,) or arrays["peak_d"].shape != (p,):
-        raise InputError(path, "peak_two_theta, peak_intensity and peak_d differ in length")
-    m = arrays["two_theta"].shape[0]
-    if arrays["intensity"].shape != (n, m):
-        raise InputError(path, f"intensity is {arrays['intensity'].shape}, expected ({n}, {m})")
-    return Patterns(
-        ids=ids,
-        peak_offsets=offsets,
-        peak_two_theta=arrays["peak_two_theta"].astype(np.float64),
-        peak_intensity=arrays["peak_intensity"].astype(np.float64),
-        peak_d=arrays["peak_d"].astype(np.float64),
-        two_theta=arrays["two_theta"],
-        intensity=arrays["intensity"],
-        wavelength=wavelength,
     )
 
 
