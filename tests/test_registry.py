@@ -89,26 +89,27 @@ def _aliases(client, name: str = NAME) -> dict[str, str]:
 @pytest.mark.slow  # ~60 s on 2 cores: five contests, each loading and running two VGG16 models
 def test_promotion_both_ways_with_real_models(tiny, work):
     from xrdvision.models.features import run_features
+    from xrdvision.models.scoring import test_split_scorer
     from xrdvision.tracking.registry import format_models_table, list_models, promote
 
     p = _params(work)
     run_features(p, tiny / "data/split", tiny / "data/images", work / "data/features")
-    kw = {"split_dir": tiny / "data/split", "image_dir": tiny / "data/images"}
+    score = test_split_scorer(p, tiny / "data/split", tiny / "data/images")
     with pytest.raises(XrdVisionError, match=rf"no registered model '{NAME}'"):
-        promote(p, **kw)
+        promote(p, score)
     assert list_models(p) == []
     client = _client(p)
 
     # The first model becomes champion without a contest.
     poor = _register(p, tiny, work, trained=False)
-    first = promote(p, **kw)
+    first = promote(p, score)
     assert first["decision"] == "first" and first["champion"] is None and first["n_test"] == 9
     assert _aliases(client) == {"challenger": poor, "champion": poor}
     assert first["line"].startswith(f"promote: {NAME} v{poor} is the first champion (accuracy ")
 
     # A better challenger is promoted; both figures, measured on the same 9 test images, are recorded.
     good = _register(p, tiny, work, trained=True)
-    won = promote(p, **kw)
+    won = promote(p, score)
     assert won["decision"] == "promoted" and won["promoted"], won["line"]
     assert won["challenger"]["accuracy"] > won["champion"]["accuracy"]
     assert won["challenger"]["n_test"] == won["champion"]["n_test"] == 9
@@ -130,7 +131,7 @@ def test_promotion_both_ways_with_real_models(tiny, work):
 
     # A worse challenger is not promoted: the champion alias stays where it was.
     client.set_registered_model_alias(NAME, "challenger", poor)
-    lost = promote(p, **kw)
+    lost = promote(p, score)
     assert lost["decision"] == "rejected" and not lost["promoted"]
     assert lost["challenger"]["accuracy"] < lost["champion"]["accuracy"]
     assert _aliases(client) == {"challenger": poor, "champion": good}
@@ -148,10 +149,10 @@ def test_promotion_both_ways_with_real_models(tiny, work):
     assert lost["challenger"]["accuracy"] == pytest.approx(won["champion"]["accuracy"])
 
     # --force promotes regardless, and says so.
-    forced = promote(p, force=True, **kw)
+    forced = promote(p, score, force=True)
     assert forced["decision"] == "forced" and _aliases(client)["champion"] == poor
     assert client.get_model_version(NAME, poor).tags["promotion.decision"] == "forced"
-    again = promote(p, **kw)
+    again = promote(p, score)
     assert again["decision"] == "unchanged" and "already champion" in again["line"]
 
     # `models`: every version, newest first, with aliases and the evaluate stage's test figures.
@@ -188,6 +189,74 @@ def _bare_registry(p, name: str, versions: int):
     return client
 
 
+def _never_called(uri: str) -> dict:
+    raise AssertionError(f"scored {uri} although the registry checks failed")
+
+
+def _fake_scores(figures: dict[str, dict[str, float]], split_md5: str = "a" * 32):
+    """A scoring function as promote receives it: model URI -> figures on one test split."""
+    scored: list[str] = []
+
+    def score(uri: str) -> dict:
+        scored.append(uri)
+        return {**figures[uri.rsplit("/", 1)[1]], "n_test": 9, "test_split_md5": split_md5}
+
+    return score, scored
+
+
+def test_promote_takes_its_scores_from_the_caller(store, request):
+    """The registry moves aliases and records figures; scoring a model is the caller's function."""
+    from xrdvision.tracking.registry import promote
+
+    p, name = _quick_params(store, request)
+    client = _bare_registry(p, name, 2)
+    figures = {
+        "1": {"accuracy": 0.5, "loss": 1.2, "macro_f1": 0.4, "top3_accuracy": 0.8},
+        "2": {"accuracy": 0.7, "loss": 0.9, "macro_f1": 0.6, "top3_accuracy": 1.0},
+    }
+    client.set_registered_model_alias(name, "challenger", "1")
+    score, scored = _fake_scores(figures)
+    first = promote(p, score)
+    assert first["decision"] == "first" and scored == [f"models:/{name}/1"]
+    assert first["n_test"] == 9 and first["test_split_md5"] == "a" * 32
+
+    client.set_registered_model_alias(name, "challenger", "2")
+    score, scored = _fake_scores(figures)
+    won = promote(p, score)
+    assert won["decision"] == "promoted" and scored == [f"models:/{name}/2", f"models:/{name}/1"]
+    assert _aliases(client, name) == {"challenger": "2", "champion": "2"}
+    tags = client.get_model_version(name, "2").tags
+    assert (
+        tags["promotion.challenger_accuracy"] == "0.700000" and tags["promotion.champion_loss"] == "1.200000"
+    )
+    assert tags["promotion.test_split_md5"] == "a" * 32 and tags["promotion.n_test"] == "9"
+
+
+def test_scores_from_two_test_splits_are_not_compared(store, request):
+    from xrdvision.tracking.registry import promote
+
+    p, name = _quick_params(store, request)
+    client = _bare_registry(p, name, 2)
+    client.set_registered_model_alias(name, "champion", "1")
+    client.set_registered_model_alias(name, "challenger", "2")
+    md5 = iter(["a" * 32, "b" * 32])
+
+    def score(uri: str) -> dict:
+        return {
+            "accuracy": 0.9,
+            "loss": 0.1,
+            "macro_f1": 0.9,
+            "top3_accuracy": 1.0,
+            "n_test": 9,
+            "test_split_md5": next(md5),
+        }
+
+    with pytest.raises(XrdVisionError, match=r"scored on different test splits"):
+        promote(p, score)
+    assert _aliases(client, name) == {"champion": "1", "challenger": "2"}
+    assert "promotion.decision" not in client.get_model_version(name, "2").tags
+
+
 def test_missing_challenger_is_one_line_and_changes_nothing(tiny, store, request):
     from xrdvision.tracking.registry import list_models, promote
 
@@ -195,7 +264,7 @@ def test_missing_challenger_is_one_line_and_changes_nothing(tiny, store, request
     client = _bare_registry(p, name, 2)
     client.set_registered_model_alias(name, "champion", "1")
     with pytest.raises(XrdVisionError) as err:
-        promote(p, split_dir=tiny / "data/split", image_dir=tiny / "data/images")
+        promote(p, _never_called)
     assert f"registered model '{name}' has no 'challenger' version" in str(err.value)
     assert "\n" not in str(err.value)
     assert _aliases(client, name) == {"champion": "1"}
@@ -204,14 +273,16 @@ def test_missing_challenger_is_one_line_and_changes_nothing(tiny, store, request
 
 
 def test_unloadable_challenger_is_one_line_and_changes_nothing(tiny, store, request):
+    from xrdvision.models.scoring import test_split_scorer
     from xrdvision.tracking.registry import promote
 
     p, name = _quick_params(store, request)
     client = _bare_registry(p, name, 2)
     client.set_registered_model_alias(name, "champion", "1")
     client.set_registered_model_alias(name, "challenger", "2")
+    score = test_split_scorer(p, tiny / "data/split", tiny / "data/images")
     with pytest.raises(XrdVisionError, match=rf"^models:/{name}/2: cannot load the registered model \("):
-        promote(p, split_dir=tiny / "data/split", image_dir=tiny / "data/images")
+        promote(p, score)
     assert _aliases(client, name) == {"champion": "1", "challenger": "2"}
     assert "promotion.decision" not in client.get_model_version(name, "2").tags
 
@@ -244,7 +315,8 @@ def test_alias_is_put_back_when_the_record_cannot_be_written(store, request, mon
 
     monkeypatch.setattr(type(client), "set_model_version_tag", broken)
     with pytest.raises(
-        XrdVisionError, match=r"recording the decision failed \(store went away\); champion alias"
+        XrdVisionError,
+        match=r"recording the decision failed \(RuntimeError: store went away\); champion alias",
     ):
         record_decision(client, result)
     assert _aliases(client, name) == ({"champion": old_champion} if old_champion else {})

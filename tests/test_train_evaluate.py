@@ -173,3 +173,43 @@ def test_synthetic_images_join_the_train_split_only(workdir):
     for split in ("val", "test"):
         names = load_features(Path(f"data/features/{split}.npz"))["image"]
         assert not any(str(n).startswith("synth/") for n in names)
+
+
+def test_metrics_on_a_small_case_worked_by_hand():
+    """scikit-learn's confusion matrix, top-k accuracy, macro F1 and class weights give the figures
+    worked out by hand (and the ones the hand-written versions gave before)."""
+    from xrdvision.models.evaluate import classification_metrics, confusion, top_k_hits
+    from xrdvision.models.train import class_weight_map
+
+    classes = [f"c{i}" for i in range(7)]
+    y = np.array([0, 1, 2, 3])
+    probs = np.array(
+        [
+            [0.70, 0.10, 0.05, 0.05, 0.04, 0.03, 0.03],  # true 0 first
+            [0.50, 0.30, 0.05, 0.05, 0.04, 0.03, 0.03],  # true 1 second: top-3 only
+            [0.05, 0.40, 0.10, 0.30, 0.11, 0.02, 0.02],  # true 2 fourth: missed
+            [0.05, 0.05, 0.05, 0.60, 0.10, 0.10, 0.05],  # true 3 first
+        ]
+    )
+    m = classification_metrics(probs, y, classes, seed=0)
+    assert m["accuracy"] == 0.5 and m["top3_accuracy"] == 0.75 and m["n_test"] == 4
+    # F1 per class present: c0 2/3 (one false positive), c1 0, c2 0, c3 1
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 0 + 0 + 1) / 4)
+    assert m["loss"] == pytest.approx(-np.mean(np.log([0.70, 0.30, 0.10, 0.60])))
+    expected = np.zeros((7, 7), dtype=np.int64)
+    expected[0, 0] = expected[1, 0] = expected[2, 1] = expected[3, 3] = 1
+    got = confusion(y, probs.argmax(1), 7)
+    assert got.dtype == np.int64 and np.array_equal(got, expected)
+    np.testing.assert_array_equal(top_k_hits(probs, y, 3), [1.0, 1.0, 0.0, 1.0])
+    # balanced class weights: n / (k * count) for the classes present
+    assert class_weight_map(np.array([0, 0, 0, 1])) == {0: 4 / 6, 1: 2.0}
+    assert class_weight_map(np.array([5, 2, 5])) == {2: 1.5, 5: 0.75}
+
+    # Space groups (> 10 classes): top-5 figure from scikit-learn, its CI from the per-image hits.
+    rng = np.random.default_rng(3)
+    sg = rng.dirichlet(np.ones(230), size=40)
+    ysg = rng.integers(0, 230, size=40)
+    ysg[:10] = sg[:10].argmax(1)
+    msg = classification_metrics(sg, ysg, [str(i) for i in range(230)], seed=0)
+    assert msg["top5_accuracy"] == top_k_hits(sg, ysg, 5).mean()
+    assert msg["top5_ci95_low"] <= msg["top5_accuracy"] <= msg["top5_ci95_high"]

@@ -8,6 +8,7 @@ held to that depth, so a trial takes seconds.
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -61,12 +62,13 @@ GOOD = {"train.learning_rate": 3e-3, "model.dense": [128], "model.dropout": 0.1}
 HOPELESS = {"train.learning_rate": 1e-5, "model.dense": [64], "model.dropout": 0.5}
 
 
-def test_study_nested_runs_pruning_best_params_and_resume(tiny, work, capsys):
+def test_study_nested_runs_pruning_best_params_and_resume(tiny, work, caplog):
     import mlflow
     import optuna
 
     from xrdvision.models.tune import format_summary
 
+    caplog.set_level(logging.INFO, logger="xrdvision.models.tune")
     p = _params(work)
     # Trial 0: the params.yaml recipe (baseline), 1: a good recipe, 2: a hopeless one (lr 1e-5), which
     # the median pruner must stop after the warm-up epochs.
@@ -166,7 +168,9 @@ def test_study_nested_runs_pruning_best_params_and_resume(tiny, work, capsys):
         "study 'tiny' exists with other settings" in msg and "tune.lr_range stored" in msg and "\n" not in msg
     )
     assert len(optuna.load_study(study_name="tiny", storage=p.tune.storage).trials) == 4
-    assert "tune: trial 2 pruned" in capsys.readouterr().out
+    progress = [r.getMessage() for r in caplog.records if r.name == "xrdvision.models.tune"]
+    assert any(m.startswith("tune: trial 2 pruned val_loss ") for m in progress), progress
+    assert any(m.startswith("tune: trial 3 ") and '"model.dense": ' in m for m in progress)
 
 
 @pytest.mark.parametrize(
@@ -204,16 +208,16 @@ def test_study_with_other_direction_or_foreign_study_is_an_error(tiny, work):
 
 def test_search_space_round_trip_and_validation():
     from xrdvision.config import TuneParams
-    from xrdvision.models.tune import (
+    from xrdvision.models.search_space import (
         apply_overrides,
         conv_choices,
         dvc_set_args,
         nest,
         overrides_from_trial,
         recipe_of,
-        settings_mismatch,
         trial_from_overrides,
     )
+    from xrdvision.models.tune_study import settings_mismatch
 
     tune = TuneParams()
     assert conv_choices(tune) == [0, 3]  # the CPU default; blocks 4+5 only when asked
@@ -252,7 +256,7 @@ def test_search_space_round_trip_and_validation():
 
 
 def test_apply_best_params_keeps_comments_and_validates(work):
-    from xrdvision.models.tune import apply_best_params, write_best_params
+    from xrdvision.models.search_space import apply_best_params, write_best_params
 
     params_file = work / "params.yaml"
     params_file.write_text((ROOT / "params.yaml").read_text())
@@ -290,7 +294,7 @@ def test_deeper_cut_derived_from_cached_features_is_exact(tiny, work):
     """block4_pool features + VGG16's block 5 = block5_pool features computed from the images."""
     from xrdvision.config import ModelParams
     from xrdvision.models.features import compute_features, load_features
-    from xrdvision.models.tune import derive_features
+    from xrdvision.models.tune_features import derive_features
     from xrdvision.models.vgg16 import build_model, resolve_weights
 
     weights = resolve_weights()
@@ -308,7 +312,7 @@ def test_deeper_cut_derived_from_cached_features_is_exact(tiny, work):
 
 def test_shallower_cut_is_computed_from_the_images_once_and_cached(tiny, work):
     from xrdvision.models.features import load_features
-    from xrdvision.models.tune import DepthFeatures
+    from xrdvision.models.tune_features import DepthFeatures
     from xrdvision.models.vgg16 import resolve_weights
 
     base = {s: load_features(tiny / f"data/features/{s}.npz") for s in ("train", "val")}

@@ -132,7 +132,8 @@ def cmd_evaluate(p: Params, a: argparse.Namespace) -> None:
 
 
 def cmd_tune(p: Params, a: argparse.Namespace) -> None:
-    from xrdvision.models.tune import apply_best_params, format_summary, run_tune
+    from xrdvision.models.search_space import apply_best_params
+    from xrdvision.models.tune import format_summary, run_tune
 
     if a.apply:
         changed = apply_best_params(Path(a.out), Path(a.params))
@@ -143,9 +144,11 @@ def cmd_tune(p: Params, a: argparse.Namespace) -> None:
 
 
 def cmd_promote(p: Params, a: argparse.Namespace) -> None:
+    from xrdvision.models.scoring import test_split_scorer
     from xrdvision.tracking.registry import promote
 
-    print(promote(p, force=a.force, split_dir=Path(a.split), image_dir=Path(a.images))["line"])
+    score = test_split_scorer(p, Path(a.split), Path(a.images))
+    print(promote(p, score, force=a.force)["line"])
 
 
 def cmd_models(p: Params, a: argparse.Namespace) -> None:

@@ -8,6 +8,7 @@ and ``model.trainable_conv``: change the frozen depth and DVC recomputes it.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,8 @@ from xrdvision.config import Params
 from xrdvision.errors import InputError, XrdVisionError
 from xrdvision.formats.atomic import atomic_path, write_json
 from xrdvision.formats.tables import read_split
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 
@@ -51,7 +54,8 @@ def compute_features(
     kept: list[int] = []
     problems: list[str] = []
     size = int(front.input.shape[1])
-    with tqdm(total=len(image_paths), desc=desc, unit="img") as bar:
+    quiet = not log.isEnabledFor(logging.INFO)  # the CLI's --quiet hides progress bars too
+    with tqdm(total=len(image_paths), desc=desc, unit="img", disable=quiet) as bar:
         for start in range(0, len(image_paths), batch_size):
             batch, idx = [], []
             for i in range(start, min(start + batch_size, len(image_paths))):
@@ -99,7 +103,7 @@ def run_features(
         paths = [Path(r["path"]) if r.get("path") else Path(image_dir) / r["image"] for r in rows]
         feats, kept, problems = compute_features(net.front, paths, desc=f"features {s}")
         for line in problems:
-            print(f"skipped: {line}")
+            log.warning("features: skipped: %s", line)
         summary["skipped"].extend(problems)
         if not kept:
             raise XrdVisionError(f"{Path(split_dir) / f'{s}.csv'}: no readable images in the {s} split")

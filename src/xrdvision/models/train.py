@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +26,8 @@ from xrdvision.errors import XrdVisionError
 from xrdvision.formats.atomic import atomic_open, atomic_path, write_json
 from xrdvision.models.features import load_features
 from xrdvision.tracking import runs
+
+log = logging.getLogger(__name__)
 
 HISTORY_KEYS = ("loss", "accuracy", "top3_accuracy", "val_loss", "val_accuracy", "val_top3_accuracy")
 
@@ -58,15 +61,16 @@ def check_class_coverage(
     return warnings
 
 
-def class_weight_map(y: np.ndarray, n_classes: int) -> dict[int, float]:
-    """'balanced' weights n / (k * count) for the classes present (imbalance: cubic vs triclinic)."""
-    counts = np.bincount(y, minlength=n_classes)
-    present = counts > 0
-    k = int(present.sum())
-    return {int(c): float(len(y) / (k * counts[c])) for c in np.flatnonzero(present)}
+def class_weight_map(y: np.ndarray) -> dict[int, float]:
+    """scikit-learn's 'balanced' weights n / (k * count) for the k classes present (cubic vs triclinic)."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    present = np.unique(y)
+    weights = compute_class_weight("balanced", classes=present, y=y)
+    return {int(c): float(w) for c, w in zip(present, weights, strict=True)}
 
 
-def _mlflow_epoch_callback():
+def mlflow_epoch_callback():
     import keras
     import mlflow
 
@@ -151,7 +155,7 @@ def fit_tail(
         ds_train,
         validation_data=ds_val,
         epochs=params.train.epochs,
-        class_weight=class_weight_map(ytr, n) if params.train.class_weights else None,
+        class_weight=class_weight_map(ytr) if params.train.class_weights else None,
         callbacks=callbacks,
         verbose=verbose,
     )
@@ -217,10 +221,10 @@ def run_train(
         )
         backup = _backup_dir(params, features_dir)
         net, hist, info = fit_tail(
-            params, train, val, extra_callbacks=[_mlflow_epoch_callback()], backup_dir=backup
+            params, train, val, extra_callbacks=[mlflow_epoch_callback()], backup_dir=backup
         )
         for w in info["warnings"]:
-            print(f"warning: {w}")
+            log.warning("train: %s", w)
         train_m = tail_metrics(net.tail, train, mode)
         val_m = tail_metrics(net.tail, val, mode)
         metrics = {

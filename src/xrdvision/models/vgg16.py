@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xrdvision.config import ModelParams
-from xrdvision.errors import XrdVisionError
+from xrdvision.errors import XrdVisionError, one_line
 from xrdvision.formats.atomic import file_digest
 
 WEIGHTS_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
@@ -30,7 +30,6 @@ WEIGHTS_ENV = "XRDVISION_VGG16_WEIGHTS"
 # Keras' own source for the file, and the md5 Keras checks it against.
 KERAS_WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/vgg16/" + WEIGHTS_FILE
 KERAS_WEIGHTS_MD5 = "6d6bbae143d832006294945121d1f1fc"
-N_CONV = 13
 IMAGE_SIZE = 224
 # ImageNet channel means in BGR order, as keras.applications.vgg16.preprocess_input ("caffe" mode).
 _BGR_MEAN = (103.939, 116.779, 123.68)
@@ -78,7 +77,7 @@ def download_weights(
             cache_dir=str(cache_dir) if cache_dir is not None else None,
         )
     except Exception as exc:  # Keras raises plain Exception subclasses for network/hash failures
-        raise XrdVisionError(f"{url}: VGG16 weights download failed ({' '.join(str(exc).split())})") from None
+        raise XrdVisionError(f"{url}: VGG16 weights download failed ({one_line(exc)})") from None
     return Path(path)
 
 
@@ -192,7 +191,7 @@ def build_model(
             input_shape=(image_size, image_size, 3),
         )
     except (OSError, ValueError) as exc:
-        raise XrdVisionError(f"{weights}: cannot load VGG16 weights ({' '.join(str(exc).split())})") from None
+        raise XrdVisionError(f"{weights}: cannot load VGG16 weights ({one_line(exc)})") from None
     cut = _cut_layer(base, params.trainable_conv)
     names = [layer.name for layer in base.layers]
     cut_index = names.index(cut)
@@ -245,4 +244,4 @@ def load_full_model(path: str | Path):
     try:
         return keras.models.load_model(path, compile=False)
     except Exception as exc:  # corrupt/truncated archive: Keras raises various types
-        raise XrdVisionError(f"{path}: cannot load model ({' '.join(str(exc).split())[:200]})") from None
+        raise XrdVisionError(f"{path}: cannot load model ({one_line(exc)})") from None

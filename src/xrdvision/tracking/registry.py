@@ -6,23 +6,25 @@ Promotion evaluates both versions *now, on the same test split* rather than comp
 each one got when it was evaluated: the split may have changed since, and two numbers measured on
 different test sets say nothing about which model is better.
 
-Order of work, so that nothing is left half-changed: resolve both aliases, load and evaluate both
-models, decide; only then move the alias and write the record (tags + description). If writing the
-record fails, the alias is put back.
+Order of work, so that nothing is left half-changed: resolve both aliases, score both models, decide;
+only then move the alias and write the record (tags + description). If writing the record fails, the
+alias is put back. Scoring is the caller's: :func:`promote` takes a ``score(model_uri)`` function
+(``xrdvision.models.scoring.test_split_scorer``), so this module never loads a model.
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from xrdvision.config import Params
-from xrdvision.errors import XrdVisionError
+from xrdvision.errors import XrdVisionError, one_line
 from xrdvision.tracking import runs
+
+Score = Callable[[str], dict[str, Any]]  # model URI -> test figures, with n_test and test_split_md5
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -71,61 +73,17 @@ def registered_versions(client, name: str, uri: str) -> dict[str, str]:
                 f"{uri}: no registered model '{name}' (the registry is empty for this label mode): "
                 "run `dvc repro train` first"
             ) from None
-        raise XrdVisionError(f"{uri}: cannot read registered model '{name}' ({_one_line(exc)})") from None
+        raise XrdVisionError(f"{uri}: cannot read registered model '{name}' ({one_line(exc)})") from None
     return {str(k): str(v) for k, v in (model.aliases or {}).items()}
 
 
-def load_test_split(params: Params, split_dir: Path, image_dir: Path) -> tuple[list[Path], np.ndarray, str]:
-    """Image paths, class indices and the md5 of ``test.csv`` (recorded with the decision)."""
-    from xrdvision.crystal.labels import class_names
-    from xrdvision.formats.tables import read_split
-    from xrdvision.models.train import encode_labels
+def promote(params: Params, score: Score, *, force: bool = False) -> dict[str, Any]:
+    """Score challenger and champion with ``score``; move ``champion`` if the challenger wins.
 
-    path = Path(split_dir) / "test.csv"
-    rows = read_split(path)
-    if not rows:
-        raise XrdVisionError(f"{path}: the test split is empty")
-    mode = params.labels.mode
-    y = encode_labels(np.array([r[mode] for r in rows]), class_names(mode), str(path))
-    md5 = hashlib.md5(path.read_bytes()).hexdigest()
-    return [Path(image_dir) / r["image"] for r in rows], y, md5
-
-
-def evaluate_version(
-    name: str, version: str, paths: list[Path], y: np.ndarray, params: Params
-) -> dict[str, Any]:
-    """Load a registered version (MLflow Keras flavour) and score it on the test images."""
-    import mlflow
-
-    from xrdvision.crystal.labels import class_names
-    from xrdvision.models.evaluate import classification_metrics, predict_images
-
-    uri = f"models:/{name}/{version}"
-    try:
-        model = mlflow.keras.load_model(uri)
-    except Exception as exc:  # missing artifacts, wrong flavour, corrupt archive: several types
-        raise XrdVisionError(f"{uri}: cannot load the registered model ({_one_line(exc)})") from None
-    classes = class_names(params.labels.mode)
-    n_out = int(model.output_shape[-1])
-    if n_out != len(classes):
-        raise XrdVisionError(
-            f"{uri}: model has {n_out} outputs, labels.mode={params.labels.mode} has {len(classes)} classes"
-        )
-    probs = predict_images(model, paths)
-    return classification_metrics(probs, y, classes, params.seed)
-
-
-def promote(
-    params: Params,
-    *,
-    force: bool = False,
-    split_dir: Path = Path("data/split"),
-    image_dir: Path = Path("data/images"),
-) -> dict[str, Any]:
-    """Compare challenger and champion on the test split; move ``champion`` if the challenger wins.
-
-    No champion yet: the challenger becomes champion. ``force``: it becomes champion regardless.
-    Returns the decision, both sets of figures and ``line`` (the one line the CLI prints).
+    ``score(model_uri)`` returns both versions' figures on the same test split (including ``n_test``
+    and ``test_split_md5``); it is called only after the registry checks passed. No champion yet: the
+    challenger becomes champion. ``force``: it becomes champion regardless. Returns the decision, both
+    sets of figures and ``line`` (the one line the CLI prints).
     """
     uri = runs.setup(params.mlflow)
     client = _client()
@@ -156,9 +114,10 @@ def promote(
                 f"models:/{name}/{v}: trained for {mode}, params say labels.mode={params.labels.mode}"
             )
 
-    paths, y, split_md5 = load_test_split(params, split_dir, image_dir)
-    ch_m = evaluate_version(name, ch_v, paths, y, params)
-    cp_m = evaluate_version(name, cp_v, paths, y, params) if cp_v is not None else None
+    ch_m = score(f"models:/{name}/{ch_v}")
+    cp_m = score(f"models:/{name}/{cp_v}") if cp_v is not None else None
+    if cp_m is not None and cp_m.get("test_split_md5") != ch_m.get("test_split_md5"):
+        raise XrdVisionError(f"{name}: challenger and champion were scored on different test splits")
     decision, move = decide(ch_m, cp_m, metric, force)
     result = {
         **base,
@@ -166,8 +125,8 @@ def promote(
         "promoted": move,
         "challenger": ch_m,
         "champion": cp_m,
-        "n_test": len(y),
-        "test_split_md5": split_md5,
+        "n_test": int(ch_m["n_test"]),
+        "test_split_md5": str(ch_m.get("test_split_md5", "")),
     }
     result["line"] = decision_line(result)
     record_decision(client, result)
@@ -229,11 +188,11 @@ def record_decision(client, r: dict[str, Any]) -> None:
                     client.set_registered_model_alias(name, CHAMPION, cp_v)
             except Exception:  # the store went away mid-way: say so rather than hide the first error
                 raise XrdVisionError(
-                    f"{name}: recording the decision failed ({_one_line(exc)}) and the {CHAMPION} alias "
+                    f"{name}: recording the decision failed ({one_line(exc)}) and the {CHAMPION} alias "
                     f"could not be restored to v{cp_v}: check the registry"
                 ) from None
         raise XrdVisionError(
-            f"{name}: recording the decision failed ({_one_line(exc)}); {CHAMPION} alias left as it was"
+            f"{name}: recording the decision failed ({one_line(exc)}); {CHAMPION} alias left as it was"
         ) from None
 
 
@@ -263,7 +222,7 @@ def list_models(params: Params) -> list[dict[str, Any]]:
     try:
         versions = client.search_model_versions(f"name='{name}'")
     except MlflowException as exc:
-        raise XrdVisionError(f"{uri}: cannot list versions of '{name}' ({_one_line(exc)})") from None
+        raise XrdVisionError(f"{uri}: cannot list versions of '{name}' ({one_line(exc)})") from None
     rows = []
     for mv in sorted(versions, key=lambda v: int(v.version), reverse=True):
         tags = mv.tags or {}
@@ -320,7 +279,3 @@ def _float(value: str | None) -> float | None:
         return float(value) if value not in (None, "") else None
     except ValueError:
         return None
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:160]

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from xrdvision.config import MlflowParams
-from xrdvision.errors import XrdVisionError
+from xrdvision.errors import XrdVisionError, one_line
 
 RUN_INFO = "run.json"  # written beside the model: which MLflow run and model version it is
 
@@ -57,8 +57,7 @@ def setup(p: MlflowParams, *, check: bool = True) -> str:
         try:
             mlflow.MlflowClient().search_experiments(max_results=1)
         except Exception as exc:  # connection errors surface as several MLflow/requests types
-            reason = " ".join(str(exc).split())[:160]
-            raise XrdVisionError(f"{uri}: MLflow tracking store not reachable ({reason})") from None
+            raise XrdVisionError(f"{uri}: MLflow tracking store not reachable ({one_line(exc)})") from None
     return uri
 
 

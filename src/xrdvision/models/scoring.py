@@ -1,0 +1,71 @@
+"""A registered model version scored on the test split: the figures ``promote`` compares.
+
+:func:`test_split_scorer` returns the scoring function that ``xrdvision promote`` hands to
+:func:`xrdvision.tracking.registry.promote`; the registry itself never loads a model (it sits in a
+layer below this one). Both versions are scored now, on the same images, with the evaluate stage's
+metrics (:func:`xrdvision.models.evaluate.classification_metrics`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from xrdvision.config import Params
+from xrdvision.crystal.labels import class_names
+from xrdvision.errors import XrdVisionError, one_line
+from xrdvision.formats.tables import read_split
+from xrdvision.models.evaluate import classification_metrics, predict_images
+from xrdvision.models.train import encode_labels
+
+
+def load_test_split(params: Params, split_dir: Path, image_dir: Path) -> tuple[list[Path], np.ndarray, str]:
+    """Image paths, class indices and the md5 of ``test.csv`` (recorded with the decision)."""
+    path = Path(split_dir) / "test.csv"
+    rows = read_split(path)
+    if not rows:
+        raise XrdVisionError(f"{path}: the test split is empty")
+    mode = params.labels.mode
+    y = encode_labels(np.array([r[mode] for r in rows]), class_names(mode), str(path))
+    md5 = hashlib.md5(path.read_bytes()).hexdigest()
+    return [Path(image_dir) / r["image"] for r in rows], y, md5
+
+
+def evaluate_version(uri: str, paths: list[Path], y: np.ndarray, params: Params) -> dict[str, Any]:
+    """Load a registered version (``models:/<name>/<version>``, Keras flavour) and score it on the images."""
+    import mlflow
+
+    try:
+        model = mlflow.keras.load_model(uri)
+    except Exception as exc:  # missing artifacts, wrong flavour, corrupt archive: several types
+        raise XrdVisionError(f"{uri}: cannot load the registered model ({one_line(exc)})") from None
+    classes = class_names(params.labels.mode)
+    n_out = int(model.output_shape[-1])
+    if n_out != len(classes):
+        raise XrdVisionError(
+            f"{uri}: model has {n_out} outputs, labels.mode={params.labels.mode} has {len(classes)} classes"
+        )
+    probs = predict_images(model, paths)
+    return classification_metrics(probs, y, classes, params.seed)
+
+
+def test_split_scorer(params: Params, split_dir: Path, image_dir: Path) -> Callable[[str], dict[str, Any]]:
+    """``score(model_uri) -> figures`` on the test split, with ``n_test`` and ``test_split_md5``.
+
+    The split is read on the first call, not here: ``promote`` checks the registry first, so a
+    registry without a challenger is reported before a missing split is, and nothing is loaded twice.
+    """
+    split: tuple[list[Path], np.ndarray, str] | None = None
+
+    def score(uri: str) -> dict[str, Any]:
+        nonlocal split
+        if split is None:
+            split = load_test_split(params, split_dir, image_dir)
+        paths, y, md5 = split
+        return {**evaluate_version(uri, paths, y, params), "test_split_md5": md5}
+
+    return score
