@@ -19,10 +19,10 @@ from xrdvision.data.synthesize import (
     draw_stoichiometry,
     element_sets,
     random_crystal,
-    read_synth_train,
     run_synthesize,
     space_group_weights,
 )
+from xrdvision.formats.tables import read_synth_train
 
 
 def test_space_group_to_system_and_weights():

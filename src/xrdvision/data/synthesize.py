@@ -288,16 +288,3 @@ def run_synthesize(params: Params, split_dir: Path, manifest: Path, out_dir: Pat
     }
     write_json(out_dir / "summary.json", summary)  # no wall time in it: the output hashes the same every run
     return {**summary, "seconds": round(time.perf_counter() - t0, 1)}
-
-
-def read_synth_train(synth_dir: Path) -> list[dict[str, str]]:
-    """Rows of ``synth_dir/train.csv`` with ``image`` made ``synth/<name>`` and ``path`` added; an absent
-    folder or an empty list gives no rows (synthesis off)."""
-    path = Path(synth_dir) / "train.csv"
-    if not path.exists():
-        return []
-    rows = read_table(path, SPLIT_COLUMNS, "synthetic training list")
-    return [
-        {**r, "image": f"synth/{r['image']}", "path": str(Path(synth_dir) / "images" / r["image"])}
-        for r in rows
-    ]

@@ -79,7 +79,7 @@ def run_features(
     ``synth_dir`` (the synthesize stage's output) adds its random-crystal images to the *train* split
     only, named ``synth/<file>``; validation and test are the real structures of the split lists.
     """
-    from xrdvision.data.synthesize import read_synth_train
+    from xrdvision.formats.tables import read_synth_train
     from xrdvision.models.vgg16 import build_model, resolve_weights, weights_fingerprint
 
     lists = {s: read_split(Path(split_dir) / f"{s}.csv") for s in SPLITS}
