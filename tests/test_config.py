@@ -46,6 +46,15 @@ def test_shipped_params_are_the_documented_defaults():
         ({"simulate": {"step": 10.0}}, "simulate.step: must give at least 10 points"),
         ({"model": {"dense": [256, "wide"]}}, "model.dense.1: expected an integer, got 'wide'"),
         ({"ingest": {"cod_query": {1: "Si"}}}, "ingest.cod_query.1: expected a string"),
+        (
+            {"ingest": {"embedded": "data/embedded"}},
+            "ingest.embedded: expected a tar archive of CIFs (.tar, .tar.gz, .tgz, .tar.xz, .txz, .tar.bz2, "
+            ".tbz2); for a folder use ingest.source: folder",
+        ),
+        (
+            {"ingest": {"embedded_dir": "data/embedded"}},
+            "ingest.embedded_dir: unknown key (did you mean ingest.embedded?)",
+        ),
         ({1: {}}, "params: 1: unknown key"),
         ({"seed": True}, "seed: expected an integer, got True"),
         ({"train": {"learning_rate": "1e-4"}}, "train.learning_rate: expected a number, got '1e-4'"),

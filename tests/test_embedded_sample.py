@@ -1,64 +1,85 @@
-"""The embedded default sample: the selection rule, and that data/embedded is what it gives."""
+"""The embedded default: the selection rule, the shipped archive is exactly what it gives, and rebuilds."""
 
 from __future__ import annotations
 
 import csv
-from collections import Counter
+import hashlib
+import tarfile
 from pathlib import Path
 
+import pytest
+
 from conftest import EMBEDDED_DIR
-from helpers_cod import cod_index
-from xrdvision.crystal.systems import CRYSTAL_SYSTEMS
-from xrdvision.data.embedded import EMBEDDED_EXCLUDED, build_embedded_sample, select_sample
+from xrdvision.data.embedded import (
+    ARCHIVE_NAME,
+    SAMPLE_COLUMNS,
+    build_embedded,
+    canonical_ids,
+    read_members,
+    write_archive,
+)
+
+ARCHIVE = EMBEDDED_DIR / ARCHIVE_NAME
 
 
-def test_select_sample_is_deterministic_and_covers_every_system(cod_dir: Path) -> None:
-    args = (cod_dir / "INDEX.csv", cod_dir / "SOURCES.csv")
-    ids = select_sample(*args, per_system=15, seed=42, max_atoms=200)
-
-    assert ids == select_sample(*args, per_system=15, seed=42, max_atoms=200)
-    assert ids != select_sample(*args, per_system=15, seed=1, max_atoms=200)
-    index = cod_index()
-    with open(cod_dir / "SOURCES.csv", newline="", encoding="utf-8") as fh:
-        variants = {r["cod_id"] for r in csv.DictReader(fh) if r["cod_tools_test_variant"] == "1"}
-    rows = [index[i] for i in ids]
-    assert Counter(r["crystal_system"] for r in rows) == dict.fromkeys(CRYSTAL_SYSTEMS, 15)
-    assert len({(r["formula"], r["space_group_number"]) for r in rows}) == len(rows)
-    assert all(int(r["n_atoms_in_cell"]) <= 200 for r in rows)
-    assert not variants & set(ids)
-    for system in CRYSTAL_SYSTEMS[2:]:  # orthorhombic and up have >= 15 space groups to spread over
-        assert len({r["space_group_number"] for r in rows if r["crystal_system"] == system}) == 15
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
 
 
-def test_select_sample_exclusion_replaces_only_the_excluded(cod_dir: Path) -> None:
-    args = (cod_dir / "INDEX.csv", cod_dir / "SOURCES.csv", 15, 42, 200)
-    ids = select_sample(*args)
-    dropped = ids[3]
-    again = select_sample(*args, exclude=[dropped])
-    assert dropped not in again
-    assert len(set(ids) - set(again)) == 1
+def test_canonical_ids_are_all_but_the_cod_tools_variants(cod_dir: Path) -> None:
+    ids = canonical_ids(cod_dir / "INDEX.csv", cod_dir / "SOURCES.csv")
+
+    sources = _rows(cod_dir / "SOURCES.csv")
+    variants = {r["cod_id"] for r in sources if r["cod_tools_test_variant"] == "1"}
+    indexed = {r["cod_id"] for r in _rows(cod_dir / "INDEX.csv")}
+    assert len(indexed) == 852 and len(variants) == 133
+    assert ids == sorted(indexed - variants) and len(ids) == 719
+    assert not {p.stem for p in (cod_dir / "bad").glob("*.cif")} & set(ids)  # bad/ is a separate folder
+    assert all((cod_dir / f"{i}.cif").is_file() for i in ids)
 
 
-def test_embedded_sample_is_what_select_sample_gives(cod_dir: Path) -> None:
-    with open(EMBEDDED_DIR / "SAMPLE.csv", newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
-    ids = select_sample(
-        cod_dir / "INDEX.csv", cod_dir / "SOURCES.csv", 15, 42, 200, exclude=EMBEDDED_EXCLUDED
-    )
-    assert [r["cod_id"] for r in rows] == ids
-    index = cod_index()
-    assert all(r == {k: index[r["cod_id"]][k] for k in r} for r in rows)
-    assert sum((EMBEDDED_DIR / f"{i}.cif").stat().st_size for i in ids) < 3_000_000
+def test_shipped_archive_is_exactly_the_canonical_cod_files(cod_dir: Path) -> None:
+    ids = canonical_ids(cod_dir / "INDEX.csv", cod_dir / "SOURCES.csv")
+    members = read_members(ARCHIVE)
+
+    assert list(members) == [f"{i}.cif" for i in ids]  # in name order
+    assert all(data == (cod_dir / name).read_bytes() for name, data in members.items())
+    index = {r["cod_id"]: r for r in _rows(cod_dir / "INDEX.csv")}
+    assert _rows(EMBEDDED_DIR / "SAMPLE.csv") == [{k: index[i][k] for k in SAMPLE_COLUMNS} for i in ids]
+    assert ARCHIVE.stat().st_size < 5_000_000  # one compressed file of about 1 MB, not 7 MB of CIFs
+    assert not list(EMBEDDED_DIR.glob("*.cif"))
 
 
-def test_build_embedded_sample_checks_and_copies(cod_dir: Path, tmp_path: Path) -> None:
+def test_write_archive_is_deterministic(tmp_path: Path) -> None:
+    files = {"b.cif": b"data_b\n", "a/c.cif": b"data_c\n", "a.cif": b"data_a\n" * 100}
+    write_archive(tmp_path / "one.tar.xz", files)
+    write_archive(tmp_path / "two.tar.xz", dict(reversed(files.items())))
+    write_archive(tmp_path / "other.tar.xz", {**files, "b.cif": b"data_B\n"})
+
+    one = (tmp_path / "one.tar.xz").read_bytes()
+    assert one == (tmp_path / "two.tar.xz").read_bytes()
+    assert one != (tmp_path / "other.tar.xz").read_bytes()
+    with tarfile.open(tmp_path / "one.tar.xz") as tar:
+        members = tar.getmembers()
+    assert [m.name for m in members] == sorted(files)
+    assert {(m.mtime, m.mode, m.uid, m.gid, m.uname, m.gname, m.type) for m in members} == {
+        (0, 0o644, 0, 0, "", "", tarfile.REGTYPE)
+    }
+    assert read_members(tmp_path / "one.tar.xz") == dict(sorted(files.items()))
+
+
+@pytest.mark.slow  # ~5 s: xz at preset 9e over 7.4 MB
+def test_build_embedded_rebuilds_the_shipped_archive_byte_for_byte(cod_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "embedded"
-    excluded = build_embedded_sample(cod_dir, out, per_system=1, seed=42, max_atoms=200, max_seconds=5.0)
+    out.mkdir()
+    (out / "1000000.cif").write_text("data_left_over_from_the_old_sample\n")
 
-    with open(out / "SAMPLE.csv", newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
-    assert [r["crystal_system"] for r in rows] == list(CRYSTAL_SYSTEMS)
-    assert not {r["cod_id"] for r in rows} & set(excluded)
-    for row in rows:
-        assert (out / f"{row['cod_id']}.cif").read_bytes() == (cod_dir / f"{row['cod_id']}.cif").read_bytes()
-    assert len(list(out.glob("*.cif"))) == 7
+    ids = build_embedded(cod_dir, out)
+
+    assert len(ids) == 719
+    assert sorted(p.name for p in out.iterdir()) == sorted([ARCHIVE_NAME, "SAMPLE.csv"])
+    digest = hashlib.sha256((out / ARCHIVE_NAME).read_bytes()).hexdigest()
+    assert digest == hashlib.sha256(ARCHIVE.read_bytes()).hexdigest()
+    assert digest in (EMBEDDED_DIR / "README.md").read_text(encoding="utf-8")  # as documented there
+    assert (out / "SAMPLE.csv").read_bytes() == (EMBEDDED_DIR / "SAMPLE.csv").read_bytes()

@@ -1,19 +1,22 @@
-"""The ingest stage from each source: COD (a real local HTTP server), a folder, the embedded sample."""
+"""The ingest stage from each source: COD (a real local HTTP server), a folder, the embedded archive."""
 
 from __future__ import annotations
 
 import csv
+import io
 import re
 import shutil
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import COD_DIR, EMBEDDED_DIR
+from conftest import COD_DIR, EMBEDDED_DIR, ROOT
 from helpers_cod import IDS, FakeCod, cod_index, elements, read_report, serve_fake_cod
 from xrdvision.config import parse_params
 from xrdvision.data.cod_client import USER_AGENT, CodClient
+from xrdvision.data.embedded import ARCHIVE_NAME, read_members, write_archive
 from xrdvision.data.ingest import run_ingest
 from xrdvision.errors import InputError, XrdVisionError
 
@@ -142,7 +145,7 @@ def test_cod_without_ids_or_query_is_an_error(fake_cod: FakeCod, tmp_path: Path)
 
 
 # --------------------------------------------------------------------------------------------------
-# Folder and embedded sources
+# Folder source
 # --------------------------------------------------------------------------------------------------
 
 
@@ -243,15 +246,259 @@ def test_folder_max_files_takes_a_seeded_sample_and_skips_subfolders(cod_dir: Pa
     assert all((cod_dir / f"{i}.cif").is_file() for i in first + other)
 
 
-def test_embedded_source_yields_exactly_the_sample(tmp_path: Path) -> None:
+# --------------------------------------------------------------------------------------------------
+# Embedded source: a tar archive read in place
+# --------------------------------------------------------------------------------------------------
+
+ARCHIVE = EMBEDDED_DIR / ARCHIVE_NAME
+
+
+@pytest.fixture(scope="module")
+def shipped() -> dict[str, bytes]:
+    """The shipped archive's members (real COD CIFs), name -> bytes: works without ../shared."""
+    return read_members(ARCHIVE)
+
+
+def _embedded(archive: Path, **ingest: object):
+    return parse_params({"ingest": {"source": "embedded", "embedded": str(archive), **ingest}})
+
+
+def _plain_tar(files: dict[str, bytes]) -> bytes:
+    """An uncompressed ustar archive of ``files`` in the given order (tests damage it byte by byte)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _offsets(tar_bytes: bytes) -> list[int]:
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
+        return [m.offset for m in tar.getmembers()]
+
+
+def _not_ok(report: Path) -> list[tuple[str, str, str]]:
+    return [(r["cod_id"], r["source"], r["reason"]) for r in read_report(report) if r["status"] != "ok"]
+
+
+def test_embedded_archive_yields_exactly_the_shipped_cifs(shipped: dict[str, bytes], tmp_path: Path) -> None:
     with open(EMBEDDED_DIR / "SAMPLE.csv", newline="", encoding="utf-8") as fh:
         sample = [r["cod_id"] for r in csv.DictReader(fh)]
-    params = parse_params({"ingest": {"source": "embedded", "embedded_dir": str(EMBEDDED_DIR)}})
+    assert ROOT / parse_params({}).ingest.embedded == ARCHIVE  # the default
 
-    summary = run_ingest(params, tmp_path / "cifs", tmp_path / "ingest.csv")
+    summary = run_ingest(_embedded(ARCHIVE), tmp_path / "cifs", tmp_path / "ingest.csv")
 
-    assert summary == {"n_ok": len(sample), "n_skipped": 0, "n_failed": 0, "reasons": {}}
-    assert sorted(p.stem for p in (tmp_path / "cifs").iterdir()) == sorted(sample)
-    assert len(sample) == 105
-    for cod_id in sample[::10]:
-        assert (tmp_path / "cifs" / f"{cod_id}.cif").read_bytes() == (COD_DIR / f"{cod_id}.cif").read_bytes()
+    assert summary == {"n_ok": 719, "n_skipped": 0, "n_failed": 0, "reasons": {}}
+    assert len(sample) == 719 and sorted(shipped) == [f"{i}.cif" for i in sample]
+    assert sorted(p.name for p in (tmp_path / "cifs").iterdir()) == sorted(shipped)
+    assert all((tmp_path / "cifs" / name).read_bytes() == data for name, data in shipped.items())
+    rows = read_report(tmp_path / "ingest.csv")
+    assert [(r["cod_id"], r["source"], r["status"]) for r in rows] == [
+        (i, f"{ARCHIVE}:{i}.cif", "ok") for i in sample
+    ]
+
+
+def test_archive_members_get_the_folder_checks_names_and_report(
+    shipped: dict[str, bytes], tmp_path: Path
+) -> None:
+    ids = [name.removesuffix(".cif") for name in sorted(shipped)[:3]]
+    text = shipped[f"{ids[2]}.cif"].decode("utf-8")
+    own = re.sub(r"(?m)^_cod_database_code.*\n", "", text)
+    assert own != text
+    archive = tmp_path / "messy.tar.xz"
+    write_archive(
+        archive,
+        {
+            f"deep/er/{ids[0]}.cif": shipped[f"{ids[0]}.cif"],  # any depth
+            "renamed quartz-like.cif": shipped[f"{ids[1]}.cif"],  # has _cod_database_code
+            "my sample (1).CIF": own.encode("utf-8"),
+            "zz_copy.cif": shipped[f"{ids[0]}.cif"],  # same COD id as the first
+            "junk.cif": b"this is not a crystal structure\n_cell_length_a 5\n",
+            "empty.cif": b"",
+            "binary.cif": b"data_x\n\x00\x01\x02",
+            "notes.txt": b"ignored: not a .cif",
+        },
+    )
+
+    summary = run_ingest(_embedded(archive), tmp_path / "cifs", tmp_path / "ingest.csv")
+
+    out = tmp_path / "cifs"
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [f"{ids[0]}.cif", f"{ids[1]}.cif", "my_sample_1.cif"]
+    )
+    assert (out / f"{ids[1]}.cif").read_bytes() == shipped[f"{ids[1]}.cif"]
+    assert (out / "my_sample_1.cif").read_text(encoding="utf-8") == own
+    rows = {r["source"].removeprefix(f"{archive}:"): r for r in read_report(tmp_path / "ingest.csv")}
+    assert {name: (r["cod_id"], r["status"], r["reason"]) for name, r in rows.items()} == {
+        f"deep/er/{ids[0]}.cif": (ids[0], "ok", ""),
+        "renamed quartz-like.cif": (ids[1], "ok", ""),
+        "my sample (1).CIF": ("my_sample_1", "ok", ""),
+        "zz_copy.cif": (ids[0], "skipped", f"duplicate of {archive}:deep/er/{ids[0]}.cif"),
+        "junk.cif": ("junk", "failed", "not a CIF: no data_ block"),
+        "empty.cif": ("empty", "failed", "empty file"),
+        "binary.cif": ("binary", "failed", "not a text file (binary data)"),
+    }
+    assert summary["n_ok"] == 3 and summary["n_skipped"] == 1 and summary["n_failed"] == 3
+
+
+def test_archive_max_files_takes_the_same_seeded_subset_as_a_folder(
+    shipped: dict[str, bytes], tmp_path: Path
+) -> None:
+    names = sorted(shipped)[::24]  # 30 real CIFs, spread over the archive
+    archive = tmp_path / "some.tar.xz"
+    write_archive(archive, {n: shipped[n] for n in names})
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for n in names:
+        (folder / n).write_bytes(shipped[n])
+
+    def ingest(params, name: str) -> list[str]:
+        summary = run_ingest(params, tmp_path / name, tmp_path / f"{name}.csv")
+        assert summary["n_ok"] == 6 and summary["n_failed"] == 0
+        return sorted(p.name for p in (tmp_path / name).iterdir())
+
+    first = ingest(_embedded(archive, max_files=6), "a")
+    assert first == ingest(_embedded(archive, max_files=6), "again")
+    assert first == ingest(
+        parse_params({"ingest": {"source": "folder", "folder": str(folder), "max_files": 6}}), "f"
+    )
+    assert first != ingest(
+        parse_params({"seed": 7, "ingest": {"embedded": str(archive), "max_files": 6}}), "b"
+    )
+    assert set(first) <= set(names)
+    # The shipped archive itself, subsampled: 6 of its members, byte for byte.
+    picked = ingest(_embedded(ARCHIVE, max_files=6), "shipped")
+    assert all((tmp_path / "shipped" / n).read_bytes() == shipped[n] for n in picked)
+
+
+def test_truncated_archive_keeps_the_members_before_the_cut(
+    shipped: dict[str, bytes], tmp_path: Path
+) -> None:
+    names = sorted(shipped)[:12]
+    whole = tmp_path / "whole.tar.xz"
+    write_archive(whole, {n: shipped[n] for n in names})
+    cut = tmp_path / "cut.tar.xz"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+
+    summary = run_ingest(_embedded(cut), tmp_path / "cifs", tmp_path / "ingest.csv")
+
+    got = sorted(p.name for p in (tmp_path / "cifs").iterdir())
+    assert 1 <= summary["n_ok"] == len(got) < len(names) and got == names[: len(got)]
+    assert all((tmp_path / "cifs" / n).read_bytes() == shipped[n] for n in got)
+    problems = _not_ok(tmp_path / "ingest.csv")
+    archive_rows = [p for p in problems if p[1] == str(cut)]
+    assert len(archive_rows) == 1 and archive_rows[0][0] == ""
+    assert re.fullmatch(
+        r"archive ends early or is corrupt after member \d{7}\.cif \(EOFError: [^\n]+\); the rest is lost",
+        archive_rows[0][2],
+    )
+    # The member the cut went through, if listed, is one row of its own; nothing else failed.
+    assert all(p[2].startswith("unreadable archive member: EOFError") for p in problems if p[1] != str(cut))
+    assert summary["n_failed"] == len(problems) <= 2
+
+    # An uncompressed archive cut inside its fourth member: three members, one unreadable, one archive row.
+    plain = _plain_tar({n: shipped[n] for n in names[:4]})
+    short = tmp_path / "short.tar"
+    short.write_bytes(plain[: _offsets(plain)[3] + 700])
+    summary = run_ingest(_embedded(short), tmp_path / "plain", tmp_path / "plain.csv")
+    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == names[:3]
+    assert _not_ok(tmp_path / "plain.csv") == [
+        (
+            names[3][:-4],
+            f"{short}:{names[3]}",
+            "unreadable archive member: ReadError: unexpected end of data",
+        ),
+        (
+            "",
+            str(short),
+            f"archive ends early or is corrupt after member {names[3]} "
+            "(ReadError: unexpected end of data); the rest is lost",
+        ),
+    ]
+
+    # Cut so short that nothing usable is left: one line naming the archive and why; old output kept.
+    stub = tmp_path / "stub.tar.xz"
+    stub.write_bytes(whole.read_bytes()[:100])
+    with pytest.raises(XrdVisionError) as err:
+        run_ingest(_embedded(stub), tmp_path / "cifs", tmp_path / "stub.csv")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{stub}: ") and "archive ends early" in message
+    assert sorted(p.name for p in (tmp_path / "cifs").iterdir()) == got
+
+
+def test_damaged_member_header_costs_that_member_only(shipped: dict[str, bytes], tmp_path: Path) -> None:
+    names = sorted(shipped)[:4]
+    raw = bytearray(_plain_tar({n: shipped[n] for n in names}))
+    offsets = _offsets(bytes(raw))
+    raw[offsets[1] + 2] ^= 0x01  # one bit of the second member's name: its header checksum fails
+    archive = tmp_path / "damaged.tar"
+    archive.write_bytes(bytes(raw))
+
+    summary = run_ingest(_embedded(archive), tmp_path / "cifs", tmp_path / "ingest.csv")
+
+    kept = [names[0], *names[2:]]
+    assert sorted(p.name for p in (tmp_path / "cifs").iterdir()) == kept
+    assert all((tmp_path / "cifs" / n).read_bytes() == shipped[n] for n in kept)
+    blocks = (offsets[2] - offsets[1]) // 512
+    assert _not_ok(tmp_path / "ingest.csv") == [
+        (
+            "",
+            str(archive),
+            f"damaged tar header at byte {offsets[1]}: {blocks} block(s) skipped "
+            f"before {names[2]}, the member(s) there are lost",
+        ),
+    ]
+    assert summary["n_ok"] == 3 and summary["n_failed"] == 1
+
+
+def test_corrupt_compressed_data_lets_no_garbled_member_in(shipped: dict[str, bytes], tmp_path: Path) -> None:
+    names = sorted(shipped)[:12]
+    whole = tmp_path / "whole.tar.xz"
+    write_archive(whole, {n: shipped[n] for n in names})
+    raw = bytearray(whole.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    archive = tmp_path / "flipped.tar.xz"
+    archive.write_bytes(bytes(raw))
+
+    summary = run_ingest(_embedded(archive), tmp_path / "cifs", tmp_path / "ingest.csv")
+
+    got = sorted(p.name for p in (tmp_path / "cifs").iterdir())
+    assert got == names[: len(got)] and summary["n_ok"] == len(got) >= 1
+    assert all((tmp_path / "cifs" / n).read_bytes() == shipped[n] for n in got)
+    problems = _not_ok(tmp_path / "ingest.csv")
+    suspect = names[len(got)]
+    assert problems == [
+        (
+            suspect[:-4],
+            f"{archive}:{suspect}",
+            "not trusted: the archive's compressed data is corrupt within or right after it",
+        ),
+        (
+            "",
+            str(archive),
+            f"archive ends early or is corrupt after member {suspect} "
+            "(LZMAError: Corrupt input data); the rest is lost",
+        ),
+    ]
+
+
+def test_missing_or_unreadable_archive_is_one_line(tmp_path: Path) -> None:
+    out = tmp_path / "cifs"
+    out.mkdir()
+    (out / "old.cif").write_text("data_old\n")
+    missing = tmp_path / "nowhere.tar.xz"
+    with pytest.raises(InputError) as err:
+        run_ingest(_embedded(missing), out, tmp_path / "ingest.csv")
+    assert str(err.value) == f"{missing}: embedded archive not found"
+    junk = tmp_path / "junk.tar.xz"
+    junk.write_bytes(b"no archive here\n" * 100)
+    with pytest.raises(InputError) as err:
+        run_ingest(_embedded(junk), out, tmp_path / "ingest.csv")
+    assert str(err.value) == f"{junk}: not a readable tar archive (damaged, truncated or another format)"
+    empty = tmp_path / "empty.tar.xz"
+    write_archive(empty, {"README.txt": b"no CIF in here"})
+    with pytest.raises(XrdVisionError, match="no CIF files found"):
+        run_ingest(_embedded(empty), out, tmp_path / "ingest.csv")
+    assert [p.name for p in out.iterdir()] == ["old.cif"]

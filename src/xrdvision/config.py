@@ -44,12 +44,15 @@ def _rule(ok: bool, key: str, reason: str) -> None:
         raise PydanticCustomError("rule", "{reason}", {"key": key, "reason": reason})
 
 
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".tbz2")
+
+
 @_section
 class IngestParams:
     """Where the CIFs come from (``source``) and how many to take."""
 
     source: Literal["embedded", "folder", "cod"] = "embedded"
-    embedded_dir: Str = "data/embedded"
+    embedded: Str = "data/embedded/cod-canonical.tar.xz"  # a tar archive of CIFs, read in place
     folder: Str = "../shared/cod"
     cod_url: Str = "https://www.crystallography.net/cod"
     cod_ids: list[Int] = Field(default_factory=list)
@@ -62,6 +65,12 @@ class IngestParams:
     @model_validator(mode="after")
     def _rules(self) -> IngestParams:
         _rule(all(i > 0 for i in self.cod_ids), "cod_ids", "COD ids are positive integers")
+        _rule(
+            self.embedded.lower().endswith(ARCHIVE_SUFFIXES),
+            "embedded",
+            f"expected a tar archive of CIFs ({', '.join(ARCHIVE_SUFFIXES)}); "
+            "for a folder use ingest.source: folder",
+        )
         return self
 
 
@@ -166,9 +175,9 @@ class ModelParams:
     """The VGG16 transfer-learning model."""
 
     weights: Str = ""  # "" = look in the usual places (model.resolve_weights)
-    dense: list[Int] = Field(default_factory=lambda: [256])
-    dropout: Num = Field(0.3, ge=0, lt=1)
-    trainable_conv: Int = Field(3, ge=0, le=13)  # VGG16's 13 conv layers trained, from the top
+    dense: list[Int] = Field(default_factory=lambda: [128])  # the seed recipe: [256]
+    dropout: Num = Field(0.13, ge=0, lt=1)  # the seed recipe: 0.3
+    trainable_conv: Int = Field(0, ge=0, le=13)  # VGG16's 13 conv layers trained, from the top (seed: 3)
 
     @model_validator(mode="after")
     def _rules(self) -> ModelParams:
@@ -179,11 +188,11 @@ class ModelParams:
 
 @_section
 class TrainParams:
-    """Fitting: the seed recipe by default."""
+    """Fitting: the tuned head-only recipe by default (the seed recipe: learning_rate 1e-4)."""
 
     epochs: Int = Field(15, ge=1)
     batch_size: Int = Field(32, ge=1)
-    learning_rate: Num = Field(1e-4, gt=0, lt=1)
+    learning_rate: Num = Field(0.00163, gt=0, lt=1)
     patience: Int = Field(5, ge=1)
     class_weights: Bool = False
 
