@@ -107,6 +107,7 @@ def assert_same_lines(tt: np.ndarray, inten: np.ndarray, ref_tt: np.ndarray, ref
     assert int((inten > 0.01).sum()) == int(strong.sum())
 
 
+@pytest.mark.needs_shared("mp")
 def test_mp_structures_match_xrayutilities(mp_records: list[dict[str, Any]]) -> None:
     batch = simulate_batch(mp_records)
     assert batch.errors == {}
@@ -143,6 +144,7 @@ def test_same_peak_list_as_the_per_cif_simulator(cod_structures: dict[str, Any])
         assert np.allclose(d_hkl, ours.d, rtol=1e-4), cid  # within the 1e-3 degree merge
 
 
+@pytest.mark.needs_shared("mp")
 def test_choice_of_cell_changes_nothing(mp_records: list[dict[str, Any]]) -> None:
     """K2CuF4 as stored (angles of 155 degrees, reduced inside) and in a further skewed basis, given as
     parameters and as a matrix: the same peaks; hkl stay those of the cell given."""
@@ -163,6 +165,7 @@ def test_choice_of_cell_changes_nothing(mp_records: list[dict[str, Any]]) -> Non
         assert np.allclose(d_hkl, peaks.d, rtol=1e-4)
 
 
+@pytest.mark.needs_shared("mp")
 def test_kalpha2_companions(mp_records: list[dict[str, Any]]) -> None:
     rec = mp_records[3]
     one = simulate_batch([rec]).peaks(0)
@@ -217,6 +220,8 @@ def test_bad_records_get_one_line_each_and_the_batch_goes_on() -> None:
         assert "\n" not in line and len(batch.peaks(i)) == 0
     assert "a record must be a mapping" in batch.errors[len(records) - 2]
     assert len(batch.peaks(0)) == len(batch.peaks(len(records) - 1)) > 0
+    overlapping = {"id": "x", **NACL, **BAD["overlap"][0]}
+    assert simulate_batch([overlapping], PowderSettings(min_distance=0)).errors == {}  # check off
 
 
 def test_overlap_distances_use_the_cell_metric() -> None:

@@ -16,7 +16,7 @@ import numpy as np
 
 from xrdvision.crystal.form_factors import FormFactorTable
 
-MIN_DISTANCE_A = 0.5  # atoms closer than this are "overlapping" (pymatgen's default proximity check)...
+MIN_DISTANCE_A = 0.5  # atoms closer than this are "overlapping" (pymatgen's proximity check)...
 MAX_OCCUPANCY_SUM = 1.001  # ...unless they share the site: occupancies that add up to at most 1
 _DIST_CHUNK = 1 << 20  # atom pairs per block of the overlap check
 
@@ -109,21 +109,26 @@ def inverse_int(m: np.ndarray) -> np.ndarray:
 
 
 def check_overlaps(
-    frac: np.ndarray, occ: np.ndarray, g: np.ndarray, g_star: np.ndarray, names: Sequence[object]
+    frac: np.ndarray,
+    occ: np.ndarray,
+    g: np.ndarray,
+    g_star: np.ndarray,
+    names: Sequence[object],
+    min_distance: float = MIN_DISTANCE_A,
 ) -> None:
-    """``ValueError`` naming the first pair of atoms closer than :data:`MIN_DISTANCE_A` whose
+    """``ValueError`` naming the first pair of atoms closer than ``min_distance`` (A) whose
     occupancies add up to more than 1 (two halves of a disordered site may share a position).
 
     The nearest image of a pair is the one with the fractional difference wrapped to [-0.5, 0.5]
     whenever every cell height is above twice the distance limit; else all 27 neighbours are tried.
     """
     n = len(frac)
-    if n < 2:
+    if n < 2 or min_distance <= 0:
         return
     basis = np.linalg.cholesky(g)  # lower triangular, rows: a, b, c in a Cartesian frame (L L^T = G)
     heights = 1 / np.sqrt(np.diag(g_star))
     shifts = np.zeros((1, 3))
-    if heights.min() < 2 * MIN_DISTANCE_A:
+    if heights.min() < 2 * min_distance:
         grid = np.arange(-1, 2, dtype=np.float64)
         shifts = np.stack(np.meshgrid(grid, grid, grid, indexing="ij"), axis=-1).reshape(-1, 3)
     x, y, z = frac.T.astype(np.float32)
@@ -141,7 +146,7 @@ def check_overlaps(
             c1 = d1 * basis[1, 1] + d2 * basis[2, 1]
             c2 = d2 * basis[2, 2]
             np.minimum(dist2, c0 * c0 + c1 * c1 + c2 * c2, out=dist2)
-        close = (dist2 < MIN_DISTANCE_A**2) & (later > np.arange(i.start, i.stop)[:, None])
+        close = (dist2 < min_distance**2) & (later > np.arange(i.start, i.stop)[:, None])
         if not close.any():
             continue
         close &= occ[i, None] + occ[None, :] > MAX_OCCUPANCY_SUM
@@ -159,8 +164,10 @@ def prepare(
     frac: Sequence[Sequence[float]] | np.ndarray,
     occupancy: Sequence[float] | np.ndarray | None,
     table: FormFactorTable,
+    min_distance: float = MIN_DISTANCE_A,
 ) -> Prepared:
-    """Check one structure and index its species in ``table``; ``ValueError`` saying what is wrong."""
+    """Check one structure and index its species in ``table``; ``ValueError`` saying what is wrong.
+    ``min_distance`` is the overlap limit of :func:`check_overlaps` (0: no overlap check)."""
     g = metric(cell)
     xyz = np.asarray(frac, dtype=np.float64)
     if xyz.ndim != 2 or xyz.shape[1] != 3 or len(xyz) == 0:
@@ -190,7 +197,7 @@ def prepare(
         g = m @ g @ m.T
         xyz = xyz @ m_inv  # the same atoms in the reduced basis: r = x B = (x M^-1)(M B)
     g_star = np.linalg.inv(g)
-    check_overlaps(xyz, occ, g, g_star, species)
+    check_overlaps(xyz, occ, g, g_star, species, min_distance)
     atom_rows = np.array([row_of[name] for name in species], dtype=np.int64)
     order = np.argsort(atom_rows, kind="stable")
     rows, counts = np.unique(atom_rows, return_counts=True)
