@@ -9,6 +9,7 @@ otherwise give a pattern of NaNs or nonsense that nobody notices among 10^5; her
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -63,7 +64,7 @@ def metric(cell: Sequence[float] | np.ndarray) -> np.ndarray:
     if not np.isfinite(g).all():
         raise ValueError("cell is not finite")
     lengths = np.sqrt(np.diag(g))
-    volume2 = float(np.linalg.det(g))
+    volume2 = _det_sym3(g)
     if not volume2 > (1e-3 * float(np.prod(lengths))) ** 2:
         volume = np.sqrt(max(volume2, 0.0))
         raise ValueError(
@@ -72,21 +73,51 @@ def metric(cell: Sequence[float] | np.ndarray) -> np.ndarray:
     return g
 
 
+# 3x3 symmetric algebra in plain floats: numpy.linalg spends ~20 us per call on a 3x3 in checks and
+# dispatch, several times per structure, more than the arithmetic of a small structure's peak list.
+def _det_sym3(g: np.ndarray) -> float:
+    (a, b, c), (_, d, e), (_, _, f) = g.tolist()
+    return a * (d * f - e * e) - b * (b * f - c * e) + c * (b * e - c * d)
+
+
+def inverse_sym3(g: np.ndarray) -> np.ndarray:
+    """The inverse of a symmetric positive-definite 3x3 matrix (its adjugate over its determinant)."""
+    (a, b, c), (_, d, e), (_, _, f) = g.tolist()
+    adj = [
+        [d * f - e * e, c * e - b * f, b * e - c * d],
+        [0.0, a * f - c * c, b * c - a * e],
+        [0.0, 0.0, a * d - b * b],
+    ]
+    adj[1][0], adj[2][0], adj[2][1] = adj[0][1], adj[0][2], adj[1][2]
+    det = a * adj[0][0] + b * adj[0][1] + c * adj[0][2]
+    return np.array(adj) / det
+
+
+def cholesky_sym3(g: np.ndarray) -> np.ndarray:
+    """Lower-triangular L with L L^T = G: rows a, b, c of the cell in a Cartesian frame."""
+    (a, b, c), (_, d, e), (_, _, f) = g.tolist()
+    l00 = math.sqrt(a)
+    l10, l20 = b / l00, c / l00
+    l11 = math.sqrt(d - l10 * l10)
+    l21 = (e - l20 * l10) / l11
+    return np.array([[l00, 0.0, 0.0], [l10, l11, 0.0], [l20, l21, math.sqrt(f - l20 * l20 - l21 * l21)]])
+
+
 def reduce_cell(g: np.ndarray) -> np.ndarray:
     """An integer matrix M (det +-1) such that the basis ``M @ (a, b, c)`` is pairwise reduced:
     ``|2 a_i . a_j| <= |a_j|^2``. A powder pattern does not depend on the basis, but the box of hkl the
     simulator scores does: for a skewed cell (a quarter of the Materials Project cells as stored) it
     can be 50 times the sphere of reflections; for a reduced one it is about twice. Greedy Gauss
-    steps on the metric, in plain floats (a 3x3 problem: numpy calls would cost more than the work).
+    steps in plain floats (a 3x3 problem: numpy calls would cost more than the work).
     """
     m = [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
     diag = np.diag(g)
     if (2 * np.abs(g - np.diag(diag)) <= np.minimum.outer(diag, diag) * (1 + 1e-6)).all():
         return np.array(m, dtype=np.int64)  # already reduced (most cells)
-    gm = g.tolist()
+    v = cholesky_sym3(g).tolist()  # the basis vectors in a Cartesian frame: dot products of 3 terms
 
-    def dot(u: list[int], v: list[int]) -> float:
-        return sum(u[i] * gm[i][j] * v[j] for i in range(3) for j in range(3))
+    def dot(p: list[float], q: list[float]) -> float:
+        return p[0] * q[0] + p[1] * q[1] + p[2] * q[2]
 
     for _ in range(100):
         changed = False
@@ -94,8 +125,9 @@ def reduce_cell(g: np.ndarray) -> np.ndarray:
             for j in range(3):
                 if i == j:
                     continue
-                r = round(dot(m[i], m[j]) / dot(m[j], m[j]))
+                r = round(dot(v[i], v[j]) / dot(v[j], v[j]))
                 if r:
+                    v[i] = [v[i][k] - r * v[j][k] for k in range(3)]
                     m[i] = [m[i][k] - r * m[j][k] for k in range(3)]
                     changed = True
         if not changed:
@@ -125,7 +157,7 @@ def check_overlaps(
     n = len(frac)
     if n < 2 or min_distance <= 0:
         return
-    basis = np.linalg.cholesky(g)  # lower triangular, rows: a, b, c in a Cartesian frame (L L^T = G)
+    basis = cholesky_sym3(g)
     heights = 1 / np.sqrt(np.diag(g_star))
     shifts = np.zeros((1, 3))
     if heights.min() < 2 * min_distance:
@@ -196,10 +228,10 @@ def prepare(
         m_inv = inverse_int(m)
         g = m @ g @ m.T
         xyz = xyz @ m_inv  # the same atoms in the reduced basis: r = x B = (x M^-1)(M B)
-    g_star = np.linalg.inv(g)
+    g_star = inverse_sym3(g)
     check_overlaps(xyz, occ, g, g_star, species, min_distance)
     atom_rows = np.array([row_of[name] for name in species], dtype=np.int64)
     order = np.argsort(atom_rows, kind="stable")
-    rows, counts = np.unique(atom_rows, return_counts=True)
-    starts = np.concatenate([[0], np.cumsum(counts)])
+    rows = np.array(sorted(set(row_of.values())), dtype=np.int64)
+    starts = np.append(np.searchsorted(atom_rows[order], rows), len(atom_rows))
     return Prepared(g, g_star, xyz[order], occ[order], rows, starts, m_inv.T.copy())
