@@ -16,6 +16,8 @@ from conftest import COD_DIR
 from helpers_cod import IDS, FakeCod, cod_index, elements, serve_fake_cod
 from xrdvision.data.cod_client import USER_AGENT, CodClient, CodError, CodNotFound
 
+pytestmark = pytest.mark.needs_shared("cod")  # the fake COD server serves ../shared/cod
+
 
 @pytest.fixture
 def fake_cod(cod_dir: Path) -> Iterator[FakeCod]:

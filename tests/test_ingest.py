@@ -37,6 +37,7 @@ def _cod_params(fake: FakeCod, **ingest: object):
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.needs_shared("cod")
 def test_cod_fetch_by_ids_copies_the_served_files(fake_cod: FakeCod, tmp_path: Path) -> None:
     params = _cod_params(fake_cod, cod_ids=[int(i) for i in IDS[:3]])
     summary = run_ingest(params, tmp_path / "cifs", tmp_path / "ingest.csv", cache_dir=tmp_path / "cache")
@@ -55,6 +56,7 @@ def test_cod_fetch_by_ids_copies_the_served_files(fake_cod: FakeCod, tmp_path: P
     ]
 
 
+@pytest.mark.needs_shared("cod")
 def test_cod_query_with_max_files_downloads_a_seeded_subset(fake_cod: FakeCod, tmp_path: Path) -> None:
     params = _cod_params(fake_cod, cod_query={"el1": "Si", "el2": "O", "strictmax": 2}, max_files=2)
     summary = run_ingest(params, tmp_path / "cifs", tmp_path / "ingest.csv", cache_dir=tmp_path / "cache")
@@ -70,6 +72,7 @@ def test_cod_query_with_max_files_downloads_a_seeded_subset(fake_cod: FakeCod, t
     assert sorted(p.stem for p in (tmp_path / "again").glob("*.cif")) == got
 
 
+@pytest.mark.needs_shared("cod")
 def test_cod_gives_up_after_retries_and_the_batch_goes_on(fake_cod: FakeCod, tmp_path: Path) -> None:
     fake_cod.fail_first = 2  # the first id's two attempts fail, the second id is served
     params = _cod_params(fake_cod, cod_ids=[int(IDS[0]), int(IDS[1])], retries=1)
@@ -87,6 +90,7 @@ def test_cod_gives_up_after_retries_and_the_batch_goes_on(fake_cod: FakeCod, tmp
     assert [p.name for p in (tmp_path / "cifs").iterdir()] == [f"{IDS[1]}.cif"]
 
 
+@pytest.mark.needs_shared("cod")
 def test_cod_404_is_not_retried_and_the_batch_goes_on(fake_cod: FakeCod, tmp_path: Path) -> None:
     params = _cod_params(fake_cod, cod_ids=[int(IDS[0]), 9999999, int(IDS[1])])
 
@@ -102,6 +106,7 @@ def test_cod_404_is_not_retried_and_the_batch_goes_on(fake_cod: FakeCod, tmp_pat
     ]
 
 
+@pytest.mark.needs_shared("cod")
 def test_cod_html_body_is_rejected_and_not_cached(fake_cod: FakeCod, tmp_path: Path) -> None:
     fake_cod.html_ids = {IDS[1]}
     params = _cod_params(fake_cod, cod_ids=[int(IDS[0]), int(IDS[1])])
@@ -114,6 +119,7 @@ def test_cod_html_body_is_rejected_and_not_cached(fake_cod: FakeCod, tmp_path: P
     assert (tmp_path / "cifs" / f"{IDS[0]}.cif").is_file()
 
 
+@pytest.mark.needs_shared("cod")
 def test_cod_resume_downloads_only_what_is_missing(fake_cod: FakeCod, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     first = _cod_params(fake_cod, cod_ids=[int(i) for i in IDS[:2]])
@@ -137,6 +143,7 @@ def test_cod_resume_downloads_only_what_is_missing(fake_cod: FakeCod, tmp_path: 
     assert len(fake_cod.requests) == n_before
 
 
+@pytest.mark.needs_shared("cod")
 def test_cod_without_ids_or_query_is_an_error(fake_cod: FakeCod, tmp_path: Path) -> None:
     with pytest.raises(XrdVisionError, match="no CIF files found") as err:
         run_ingest(_cod_params(fake_cod), tmp_path / "cifs", tmp_path / "ingest.csv", cache_dir=tmp_path)
@@ -170,6 +177,7 @@ def messy_folder(tmp_path: Path) -> Path:
     return folder
 
 
+@pytest.mark.needs_shared("cod")
 def test_folder_source_reports_each_file_and_normalises_names(messy_folder: Path, tmp_path: Path) -> None:
     params = parse_params({"ingest": {"source": "folder", "folder": str(messy_folder)}})
 

@@ -34,6 +34,7 @@ def _data(path: Path) -> np.ndarray:
     return np.loadtxt(path)
 
 
+@pytest.mark.needs_shared("experimental")
 def test_every_experimental_file_parses_as_indexed():
     """All 444 real files: point count and 2-theta span as INDEX.csv states, Cu K-alpha from the header."""
     rows = _index()
@@ -53,6 +54,7 @@ def test_every_experimental_file_parses_as_indexed():
         assert p.wavelength == pytest.approx(float(row["wavelength_A"])) and p.wavelength_from == "file"
 
 
+@pytest.mark.needs_shared("experimental")
 def test_rruff_style_file_with_header_wavelength_decreasing_and_duplicates(tmp_path):
     """RRUFF download layout: ``##KEY=value`` header, ``x, y`` lines, ``##END=``; here written backwards
     with repeated points. The result is the original pattern, ascending, with the file's wavelength."""
@@ -69,6 +71,7 @@ def test_rruff_style_file_with_header_wavelength_decreasing_and_duplicates(tmp_p
     assert "2-theta sorted ascending" in p.notes and "3 repeated 2-theta point(s) averaged" in p.notes
 
 
+@pytest.mark.needs_shared("experimental")
 def test_explicit_wavelength_overrides_the_header(tmp_path):
     p = read_pattern(PYRITE, wavelength=1.7902)
     assert p.wavelength == 1.7902 and p.wavelength_from == "argument"
@@ -84,6 +87,7 @@ def test_explicit_wavelength_overrides_the_header(tmp_path):
         ("tab_decimal_comma.txt", ["Winkel\tIntensitaet"], "{xc}\t{yc}"),
     ],
 )
+@pytest.mark.needs_shared("experimental")
 def test_separators_comments_and_headers(tmp_path, name, header, fmt):
     """The same real pattern written five common ways reads back identically."""
     ref = _data(PYRITE)
@@ -108,6 +112,7 @@ def test_separators_comments_and_headers(tmp_path, name, header, fmt):
         assert p.wavelength is None
 
 
+@pytest.mark.needs_shared("experimental")
 def test_slightly_negative_intensities_are_clipped_and_noted(tmp_path):
     """A background-subtracted file scatters around zero: small negatives are noise, clipped to 0."""
     ref = _data(RRUFF)
@@ -177,6 +182,7 @@ def test_missing_file_and_folder(tmp_path):
         read_pattern(tmp_path / "dir.xy")
 
 
+@pytest.mark.needs_shared("experimental")
 def test_training_grid_shape_range_and_zero_outside_the_measured_span():
     y = to_training_grid(read_pattern(PYRITE), SIM)
     assert y.dtype == np.float32 and y.shape == GRID.shape
@@ -196,6 +202,7 @@ def _strongest(y: np.ndarray, lo: float = 0, hi: float = 180) -> float:
 
 
 @pytest.mark.parametrize("wavelength", [1.7902, 0.7107, 2.2909])
+@pytest.mark.needs_shared("experimental")
 def test_other_wavelength_moves_peaks_by_bragg(wavelength):
     """Pyrite read as if measured at Co, Mo or Cr: its strongest line lands where Bragg's law puts the
     same d-spacing at 1.5406 A, within one grid step, and nothing is left where it was measured."""
@@ -231,6 +238,7 @@ def test_convert_wavelength_is_bragg():
 
 
 @pytest.mark.parametrize(("offset", "where"), [(95.0, "100.0"), (78.0, "83.0")])
+@pytest.mark.needs_shared("experimental")
 def test_pattern_outside_the_training_range_is_an_error(tmp_path, offset, where):
     """100-160 degrees does not overlap 5-90 at all; 83-143 only by 7 degrees (too little to classify)."""
     ref = _data(PYRITE)
@@ -251,6 +259,7 @@ def test_explicit_units_in_the_header_are_converted(tmp_path):
     assert read_pattern(path).wavelength == pytest.approx(1.79026)
 
 
+@pytest.mark.needs_shared("experimental")
 def test_background_removed_lowers_the_baseline_and_keeps_the_peaks():
     """The pyrochlore raw counts sit on a background of ~3 % of the strongest line: after SNIP the
     median of the pattern is near zero, and the strongest lines keep their heights relative to each
@@ -300,6 +309,7 @@ def test_snip_recovers_a_smooth_background_under_peaks():
         assert net[np.argmin(np.abs(x - c))] == pytest.approx(a, abs=4 * np.sqrt(a + 250))
 
 
+@pytest.mark.needs_shared("experimental")
 def test_kalpha12_data_against_a_kalpha2_simulation_needs_no_shift():
     p = read_pattern(PYROCHLORE)
     assert source_wavelength(p, SIM) == pytest.approx(1.5418)

@@ -37,6 +37,7 @@ def test_cut_point_follows_trainable_conv(trainable_conv, cut, shape):
     assert net.tail.output.shape[-1] == 7
 
 
+@pytest.mark.needs_shared("weights")
 def test_cached_path_equals_end_to_end_with_real_weights():
     net = xm.build_model(7, ModelParams(), weights=WEIGHTS, seed=1)
     images = np.random.default_rng(0).integers(0, 256, (3, 224, 224, 3)).astype(np.float32)
@@ -46,6 +47,7 @@ def test_cached_path_equals_end_to_end_with_real_weights():
     np.testing.assert_allclose(direct.sum(axis=1), 1.0, rtol=1e-5)
 
 
+@pytest.mark.needs_shared("weights")
 def test_front_equals_keras_preprocess_input_then_vgg16():
     import keras
     from keras.applications.vgg16 import preprocess_input
@@ -71,6 +73,7 @@ def test_saved_full_model_reloads_without_xrdvision_code(tmp_path):
     np.testing.assert_allclose(again.predict(x, verbose=0), net.full.predict(x, verbose=0), rtol=1e-6)
 
 
+@pytest.mark.needs_shared("weights")
 def test_resolve_weights_order(tmp_path, monkeypatch):
     monkeypatch.delenv(xm.WEIGHTS_ENV, raising=False)
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
@@ -121,6 +124,7 @@ def weights_server():
     server.shutdown()
 
 
+@pytest.mark.needs_shared("weights")
 def test_download_through_keras_with_hash_check(weights_server, tmp_path):
     md5 = xm.weights_fingerprint(WEIGHTS)  # the shared copy's md5 (its bytes differ from Keras' file)
     path = xm.download_weights(f"{weights_server}/{xm.WEIGHTS_FILE}", md5, cache_dir=tmp_path)

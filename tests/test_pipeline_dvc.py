@@ -126,6 +126,7 @@ def _measured_subset(tmp: Path, n: int) -> Path:
     return dst
 
 
+@pytest.mark.needs_shared("weights", "experimental")
 def test_full_repro_trains_evaluates_and_registers(tmp_path):
     import mlflow
 

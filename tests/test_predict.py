@@ -32,6 +32,8 @@ from helpers_images import write_split_lists
 from xrdvision.config import parse_params
 from xrdvision.errors import InputError, XrdVisionError
 
+# a tiny model trained on ../shared/cod CIFs (VGG16 features), asked about ../shared/experimental patterns
+pytestmark = pytest.mark.needs_shared("cod", "weights", "experimental")
 NAME = "xrdvision-crystal-system"
 TRAIN_CLASSES = ("cubic", "hexagonal", "monoclinic")
 PER_CLASS = {"train": 4, "val": 1}

@@ -87,6 +87,7 @@ def _aliases(client, name: str = NAME) -> dict[str, str]:
 
 
 @pytest.mark.slow  # ~60 s on 2 cores: five contests, each loading and running two VGG16 models
+@pytest.mark.needs_shared("weights")
 def test_promotion_both_ways_with_real_models(tiny, work):
     from xrdvision.models.features import run_features
     from xrdvision.models.scoring import test_split_scorer

@@ -139,6 +139,7 @@ def _index(out_dir):
         return list(csv.DictReader(fh))
 
 
+@pytest.mark.needs_shared("cod")
 def test_run_render_images_and_index(patterns_dir, tmp_path):
     params = _params(copies=2, workers=2)
     out = tmp_path / "images"
@@ -171,6 +172,7 @@ def test_run_render_images_and_index(patterns_dir, tmp_path):
     assert not np.array_equal(a, b)
 
 
+@pytest.mark.needs_shared("cod")
 def test_run_render_copies_zero_means_no_augmentation(patterns_dir, tmp_path):
     out = tmp_path / "images"
     summary = run_render(_params(copies=0), patterns_dir, out)
@@ -179,6 +181,7 @@ def test_run_render_copies_zero_means_no_augmentation(patterns_dir, tmp_path):
     assert {r["copy"] for r in _index(out)} == {"0"}
 
 
+@pytest.mark.needs_shared("cod")
 def test_run_render_resumes_and_restarts_cleanly(patterns_dir, tmp_path, monkeypatch):
     out = tmp_path / "images"
     run_render(_params(copies=2), patterns_dir, out)

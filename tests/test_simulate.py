@@ -80,6 +80,7 @@ def _stock_xrayutilities(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.mark.parametrize("cod_id", ["1000041", "1000017", "1004008", "2103956"])
+@pytest.mark.needs_shared("cod")
 def test_peaks_are_xrayutilities_physics(cod_dir: Path, cod_id: str) -> None:
     """Same lines and intensities as xrayutilities' own PowderDiffraction (NaCl, corundum, a C2 selenide,
     a triclinic lead fluoride where anomalous dispersion matters)."""

@@ -215,6 +215,7 @@ def test_run_split_bad_inputs(rows, tmp_path):
         run_split(Params(), manifest, bad_index, tmp_path / "split")
 
 
+@pytest.mark.needs_shared("cod")
 def test_render_then_split_on_real_patterns(cod_dir, tmp_path):
     """The real chain on 6 CIFs: helper patterns -> run_render -> run_split (corundum x2 stay together)."""
     bad = cod_dir / "bad" / sorted(p.name for p in (cod_dir / "bad").glob("*.cif"))[0]

@@ -62,6 +62,7 @@ def _first_lit_column(image: np.ndarray) -> int:
     return int(np.flatnonzero(image[:-1, :, 0].max(axis=0) > 128)[0])
 
 
+@pytest.mark.needs_shared("cod")
 def test_d1_over_d_puts_the_first_line_at_one(patterns) -> None:
     images = study.render_all(patterns, list(range(len(patterns.ids))), "d1_over_d", 1.5406)
     expected = round((1.0 - 0.9) / (4.0 - 0.9) * 224)  # x = 1 on the 0.9-4.0 axis
@@ -69,6 +70,7 @@ def test_d1_over_d_puts_the_first_line_at_one(patterns) -> None:
         assert abs(_first_lit_column(image) - expected) <= 2
 
 
+@pytest.mark.needs_shared("cod")
 def test_renderings_differ_and_peak_features_are_scale_free(patterns) -> None:
     keep = list(range(len(patterns.ids)))
     linear = study.render_all(patterns, keep, "2theta", 1.5406)

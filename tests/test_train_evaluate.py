@@ -31,6 +31,7 @@ def workdir(tmp_path, monkeypatch):
 _params = tiny_params
 
 
+@pytest.mark.needs_shared("weights")
 def test_features_train_evaluate_track_and_register(workdir):
     import mlflow
 
@@ -150,6 +151,7 @@ def test_corrupt_png_is_reported_and_skipped(workdir, capsys):
     assert len(problems) == 1 and problems[0].startswith("data/images/bad.png: corrupt image")
 
 
+@pytest.mark.needs_shared("weights")
 def test_synthetic_images_join_the_train_split_only(workdir):
     """The synthesize stage's list adds images to train; val and test stay the real split lists."""
     from xrdvision.models.features import load_features, run_features

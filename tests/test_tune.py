@@ -62,6 +62,7 @@ GOOD = {"train.learning_rate": 3e-3, "model.dense": [128], "model.dropout": 0.1}
 HOPELESS = {"train.learning_rate": 1e-5, "model.dense": [64], "model.dropout": 0.5}
 
 
+@pytest.mark.needs_shared("weights")
 def test_study_nested_runs_pruning_best_params_and_resume(tiny, work, caplog):
     import mlflow
     import optuna
@@ -181,6 +182,7 @@ def test_study_nested_runs_pruning_best_params_and_resume(tiny, work, caplog):
         ("nosuchdb://host/x", "nosuchdb://host/x"),
     ],
 )
+@pytest.mark.needs_shared("weights")
 def test_unreachable_storage_is_one_line_before_anything_else(tiny, work, url, shown):
     p = _params(work, tune={"storage": url})
     with pytest.raises(XrdVisionError) as err:
@@ -191,6 +193,7 @@ def test_unreachable_storage_is_one_line_before_anything_else(tiny, work, url, s
     assert not (work / "mlruns").exists() and not (work / "tune").exists()  # failed before MLflow/training
 
 
+@pytest.mark.needs_shared("weights")
 def test_study_with_other_direction_or_foreign_study_is_an_error(tiny, work):
     import optuna
 
@@ -290,6 +293,7 @@ def test_apply_best_params_keeps_comments_and_validates(work):
     assert params_file.read_text() == text
 
 
+@pytest.mark.needs_shared("weights")
 def test_deeper_cut_derived_from_cached_features_is_exact(tiny, work):
     """block4_pool features + VGG16's block 5 = block5_pool features computed from the images."""
     from xrdvision.config import ModelParams
@@ -310,6 +314,7 @@ def test_deeper_cut_derived_from_cached_features_is_exact(tiny, work):
     np.testing.assert_allclose(derived, direct, rtol=1e-4, atol=1e-3 * float(np.abs(direct).max()))
 
 
+@pytest.mark.needs_shared("weights")
 def test_shallower_cut_is_computed_from_the_images_once_and_cached(tiny, work):
     from xrdvision.models.features import load_features
     from xrdvision.models.tune_features import DepthFeatures
