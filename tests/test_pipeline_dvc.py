@@ -156,15 +156,15 @@ def test_full_repro_trains_evaluates_and_registers(tmp_path):
     assert sorted(p["file"] for p in preds) == sorted(
         r["file"] for r in csv.DictReader((measured / "INDEX.csv").open())
     )
-    assert sum(int(p["correct"]) for p in preds) == round(real["accuracy"] * 6)
+    assert sum(int(p["correct"]) for p in preds) == round(real["measured_accuracy"] * 6)
     metrics = json.loads((repo / "metrics/metrics.json").read_text())
-    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["n_test"] >= 7
-    assert metrics["accuracy_ci95_low"] <= metrics["accuracy"] <= metrics["accuracy_ci95_high"]
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["n_test"] >= 7
+    assert metrics["test_accuracy_ci95_low"] <= metrics["test_accuracy"] <= metrics["test_accuracy_ci95_high"]
     hist = list(csv.DictReader((repo / "plots/training.csv").open()))
     assert 1 <= len(hist) <= 3
     shown = _run(["dvc", "metrics", "show", "--json"], repo, env)
-    assert "accuracy" in shown
+    assert "test_accuracy" in shown
     store = f"sqlite:///{repo}/mlruns/mlflow.db"
     client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)  # no process-wide URI
     mv = client.get_model_version_by_alias("xrdvision-crystal-system", "challenger")
-    assert float(mv.tags["test_accuracy"]) == pytest.approx(metrics["accuracy"], abs=1e-6)
+    assert float(mv.tags["test_accuracy"]) == pytest.approx(metrics["test_accuracy"], abs=1e-6)

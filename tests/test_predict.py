@@ -285,8 +285,9 @@ def test_output_formats(mixed, inputs):
 
 
 def test_model_uri_forms_give_the_same_model(trained, loaded, inputs):
-    """Alias, version, run URI, the DVC models folder and the .keras file: one model, five doors; the
-    class list comes from the version tag, the MLflow metadata or classes.json."""
+    """Alias, version, run URI, logged model URI, the DVC models folder and the .keras file: one model,
+    six doors; the class list comes from the version tag, the MLflow metadata or classes.json, and the
+    input settings travel with each."""
     from xrdvision.models.features import load_image
     from xrdvision.serve.loading import load_model
 
@@ -295,9 +296,11 @@ def test_model_uri_forms_give_the_same_model(trained, loaded, inputs):
     run_id = trained.out["run_id"]
     assert loaded.classes_from == f"model version tag 'classes' ({NAME} v1)"
     assert loaded.run_id == run_id and loaded.registered == (NAME, "1")
+    assert loaded.model_id == trained.out["model_id"] and loaded.settings is not None
     cases = {
         f"models:/{NAME}/1": "model version tag 'classes'",
         f"runs:/{run_id}/model": "MLflow model metadata 'classes'",
+        f"models:/{trained.out['model_id']}": "MLflow model metadata 'classes'",
         str(trained.models): str(trained.models / "classes.json"),
         str(trained.models / "model.keras"): str(trained.models / "classes.json"),
     }
@@ -305,7 +308,8 @@ def test_model_uri_forms_give_the_same_model(trained, loaded, inputs):
         lm = load_model(trained.params, uri)
         assert lm.classes_from.startswith(source), (uri, lm.classes_from)
         assert lm.classes == loaded.classes and lm.label_mode == "crystal_system"
-        assert lm.run_id == run_id, uri
+        assert lm.run_id == run_id or uri.startswith("models:/m-"), uri
+        assert lm.settings == loaded.settings and lm.warnings == [], uri
         np.testing.assert_allclose(lm.predict(x), ref, atol=1e-5)
 
 
@@ -331,20 +335,98 @@ def test_default_is_champion_and_a_missing_alias_says_what_exists(trained):
         client.delete_registered_model_alias(NAME, "champion")
 
 
-def test_image_settings_differing_from_training_are_warned(trained, loaded, mixed):
+def _old_model_folder(trained, root: Path) -> Path:
+    """The models/ folder as train wrote it before input settings were stored (no preprocessing.json)."""
+    old = root / "old-models"
+    old.mkdir()
+    for name in ("model.keras", "classes.json", "run.json"):
+        (old / name).symlink_to(trained.models / name)
+    return old
+
+
+def test_inputs_are_prepared_with_the_models_own_settings(trained, loaded, mixed, inputs, tmp_path):
+    """The settings stored with the model decide how a file becomes an image, whatever params.yaml says
+    now; an older model without them falls back to params (with a warning naming what differs from its
+    training run), or fails in one line when there are no params."""
     from xrdvision.serve.loading import load_model
-    from xrdvision.serve.predict import format_table, to_json
+    from xrdvision.serve.predict import format_table, predict_files, to_json
 
     assert loaded.warnings == [] and mixed["rruff"].warnings == []
+    assert loaded.settings["simulate"]["step"] == 0.02 and loaded.settings["render"]["size"] == 224
     changed = replace(trained.params, simulate=replace(trained.params.simulate, step=0.01, kalpha2=True))
-    lm = load_model(changed, f"models:/{NAME}@challenger")
-    assert lm.warnings == [
+    keys = ["unseen_cif", "rruff"]
+    same = predict_files([inputs[k] for k in keys], changed, model=load_model(changed, str(trained.models)))
+    for k, p in zip(keys, same, strict=True):
+        np.testing.assert_allclose(p.probabilities, mixed[k].probabilities, atol=1e-6)
+        assert p.warnings == []
+
+    old = _old_model_folder(trained, tmp_path)
+    lm = load_model(changed, str(old))
+    assert lm.settings is None and lm.warnings == [
+        f"{old}: the model carries no input settings (trained before they were stored with it); inputs "
+        "are prepared with params.yaml's simulate/render settings",
         "simulate.kalpha2 is True here but the model was trained with False",
         "simulate.step is 0.01 here but the model was trained with 0.02",
     ]
-    pred = replace(mixed["rruff"], warnings=lm.warnings)
-    assert format_table([pred]).splitlines()[-2:] == [f"warning: {w}" for w in lm.warnings]
+    (pred,) = predict_files([inputs["unseen_cif"]], changed, model=lm)
+    assert not np.allclose(pred.probabilities, mixed["unseen_cif"].probabilities, atol=1e-6)
+    assert format_table([pred]).splitlines()[-3:] == [f"warning: {w}" for w in lm.warnings]
     assert json.loads(to_json([pred]))["warnings"] == lm.warnings
+    with pytest.raises(XrdVisionError) as err:
+        load_model(None, str(old))
+    assert str(err.value) == (
+        f"{old}: the model carries no input settings (trained before they were stored with it) and there "
+        "is no params.yaml here to take them from: run where its params.yaml is, or pass --params"
+    )
+
+
+def test_predict_from_a_folder_without_params_yaml(
+    trained, loaded, mixed, inputs, tmp_path, capsys, monkeypatch
+):
+    """A scientist's data folder: no params.yaml. The models/ folder, or a registry URI with
+    MLFLOW_TRACKING_URI, predicts exactly as in the checkout, and nothing is written there."""
+    from xrdvision.cli import main
+
+    work = tmp_path / "my-scans"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("XRDVISION_PARAMS", raising=False)
+    keys = ["unseen_cif", "rruff"]
+    files = [str(inputs[k]) for k in keys]
+
+    def predict(model: str) -> list[np.ndarray]:
+        """All 7 probabilities per file, in the model's class order, from ``xrdvision predict --json``."""
+        assert main(["predict", "--model", model, "--json", "--top-k", "7", *files]) == 0
+        doc = json.loads(capsys.readouterr().out)
+        assert doc["warnings"] == [] and [f["file"] for f in doc["files"]] == files
+        return [
+            np.array([{t["class"]: t["probability"] for t in f["top"]}[c] for c in loaded.classes])
+            for f in doc["files"]
+        ]
+
+    for key, probs in zip(keys, predict(str(trained.models)), strict=True):
+        np.testing.assert_allclose(probs, mixed[key].probabilities, atol=1e-5)
+
+    # the registry: no params.yaml names the store, so MLFLOW_TRACKING_URI must
+    uri = f"models:/{NAME}@challenger"
+    assert main(["predict", "--model", uri, files[0]]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"xrdvision: error: {uri}: no params.yaml here and MLFLOW_TRACKING_URI is not set")
+    assert len(err.splitlines()) == 1
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", trained.params.mlflow.tracking_uri)
+    for key, probs in zip(keys, predict(uri), strict=True):
+        np.testing.assert_allclose(probs, mixed[key].probabilities, atol=1e-5)
+
+    # an older models/ folder (no stored settings) and no params.yaml: one clear line
+    old = _old_model_folder(trained, tmp_path)
+    assert main(["predict", "--model", str(old), files[0]]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"xrdvision: error: {old}: the model carries no input settings (trained before they were stored "
+        "with it) and there is no params.yaml here to take them from: run where its params.yaml is, or "
+        "pass --params"
+    )
+    assert list(work.iterdir()) == []  # no mlruns/ or anything else left in the user's folder
 
 
 def test_error_line_names_the_file_once_and_keeps_one_line():
@@ -442,10 +524,13 @@ def test_evaluate_measured_on_real_patterns(trained, loaded, tmp_path, caplog):
     ]
     assert [p["actual"] for p in preds] == ["cubic", "triclinic", "cubic", "trigonal", "cubic"]
     correct = np.array([int(p["correct"]) for p in preds])
-    assert m["accuracy"] == pytest.approx(correct.mean())
-    assert m["accuracy_ci95_low"] <= m["accuracy"] <= m["accuracy_ci95_high"]
+    assert m["measured_accuracy"] == pytest.approx(correct.mean())
+    assert m["measured_accuracy_ci95_low"] <= m["measured_accuracy"] <= m["measured_accuracy_ci95_high"]
     assert m["per_source"]["rruff_agi"]["accuracy"] == pytest.approx(correct[:2].mean())
-    assert m["majority_baseline_accuracy"] == pytest.approx(3 / 5)
+    assert m["measured_majority_baseline_accuracy"] == pytest.approx(3 / 5)
+    # balanced accuracy: the mean over the true classes of the fraction right (scikit-learn's)
+    recall = [correct[[p["actual"] == c for p in preds]].mean() for c in ("cubic", "triclinic", "trigonal")]
+    assert m["measured_balanced_accuracy"] == pytest.approx(np.mean(recall))
     # the same pipeline as `predict`: the same probabilities for the same file
     direct = predict_files([EXPERIMENTAL_DIR / "rockjock" / "rockjock_pyrite.xy"], params, model=loaded)[0]
     assert float(preds[2]["p_predicted"]) == pytest.approx(direct.top[0][1], abs=1e-4)
@@ -465,17 +550,28 @@ def test_evaluate_measured_on_real_patterns(trained, loaded, tmp_path, caplog):
     assert sum(int(v) for r in matrix[1:] for v in r[1:]) == 5
     assert Image.open(out / "confusion_matrix.png").size[0] > 300
     on_disk = json.loads((tmp_path / "metrics" / "measured.json").read_text())
-    assert on_disk["accuracy"] == m["accuracy"] and on_disk["per_source"] == m["per_source"]
+    assert on_disk["measured_accuracy"] == m["measured_accuracy"] and on_disk["per_source"] == m["per_source"]
+    assert "accuracy" not in on_disk
 
     client = mlflow.MlflowClient()
     assert m["mlflow_run_id"] == trained.out["run_id"]
     run = client.get_run(m["mlflow_run_id"])
-    assert run.data.metrics["measured_accuracy"] == pytest.approx(m["accuracy"])
+    assert run.data.metrics["measured_accuracy"] == pytest.approx(m["measured_accuracy"])
+    assert run.data.metrics["measured_balanced_accuracy"] == pytest.approx(m["measured_balanced_accuracy"])
     assert run.data.metrics["measured_rockjock_n"] == 2
+    # INDEX.csv as the measured dataset; the figures linked to the logged model and to that dataset
+    (ds,) = [d for d in run.inputs.dataset_inputs if d.dataset.name == "measured-measured"]
+    assert {t.key: t.value for t in ds.tags}["mlflow.data.context"] == "measured"
+    assert json.loads(ds.dataset.profile)["patterns_per_class"] == {"cubic": 4, "triclinic": 1, "trigonal": 2}
+    linked = {x.key: x for x in client.get_logged_model(trained.out["model_id"]).metrics}
+    assert linked["measured_balanced_accuracy"].dataset_name == "measured-measured"
     arts = {a.path for a in client.list_artifacts(m["mlflow_run_id"], "measured")}
     assert {"measured/predictions.csv", "measured/confusion_matrix.png"} <= arts
-    tag = client.get_model_version(NAME, "1").tags["measured_accuracy"]
-    assert float(tag) == pytest.approx(m["accuracy"], abs=1e-6)
+    tags = client.get_model_version(NAME, "1").tags
+    assert float(tags["measured_accuracy"]) == pytest.approx(m["measured_accuracy"], abs=1e-6)
+    assert float(tags["measured_balanced_accuracy"]) == pytest.approx(
+        m["measured_balanced_accuracy"], abs=1e-6
+    )
 
 
 def test_evaluate_measured_skipped_without_a_folder(trained, tmp_path):

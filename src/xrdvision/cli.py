@@ -104,10 +104,11 @@ def cmd_features(p: Params, a: argparse.Namespace) -> None:
 def cmd_train(p: Params, a: argparse.Namespace) -> None:
     from xrdvision.models.train import run_train
 
-    s = run_train(p, Path(a.features), Path(a.models), Path(a.metrics), Path(a.history))
+    s = run_train(p, Path(a.features), Path(a.models), Path(a.metrics), Path(a.history), Path(a.split))
     print(
         f"train: val accuracy {s['val_accuracy']:.3f} (train {s['train_accuracy']:.3f}) after "
-        f"{s['epochs_run']} epochs; registered {s['registered_model']} v{s['version']} as challenger"
+        f"{s['epochs_run']} epochs; MLflow run {s['run_name']}; logged model {s['model_id']} registered "
+        f"as {s['registered_model']} v{s['version']} (challenger)"
     )
 
 
@@ -125,9 +126,9 @@ def cmd_evaluate(p: Params, a: argparse.Namespace) -> None:
         Path(a.train_metrics),
     )
     print(
-        f"evaluate: test accuracy {m['accuracy']:.3f} (95% CI {m['accuracy_ci95_low']:.3f}-"
-        f"{m['accuracy_ci95_high']:.3f}), loss {m['loss']:.3f}, top-3 {m['top3_accuracy']:.3f}, "
-        f"macro F1 {m['macro_f1']:.3f} on {m['n_test']} test structures"
+        f"evaluate: test accuracy {m['test_accuracy']:.3f} (95% CI {m['test_accuracy_ci95_low']:.3f}-"
+        f"{m['test_accuracy_ci95_high']:.3f}), loss {m['test_loss']:.3f}, top-3 "
+        f"{m['test_top3_accuracy']:.3f}, macro F1 {m['test_macro_f1']:.3f} on {m['n_test']} test structures"
     )
 
 
@@ -157,7 +158,8 @@ def cmd_models(p: Params, a: argparse.Namespace) -> None:
     print(format_models_table(list_models(p)))
 
 
-def cmd_predict(p: Params, a: argparse.Namespace) -> int:
+def cmd_predict(p: Params | None, a: argparse.Namespace) -> int:
+    """``p`` is None where there is no params.yaml: the model brings its own input settings."""
     from xrdvision.serve.predict import format_table, predict_files, to_csv, to_json
 
     preds = predict_files(
@@ -165,6 +167,9 @@ def cmd_predict(p: Params, a: argparse.Namespace) -> int:
     )
     text = to_json(preds) if a.json else to_csv(preds) if a.csv else format_table(preds)
     print(text if text.endswith("\n") else text + "\n", end="", flush=True)
+    if a.csv and preds:  # the table and JSON carry the model's warnings; CSV rows have no place for them
+        for w in preds[0].warnings:
+            print(f"xrdvision: warning: {w}", file=sys.stderr)
     failed = [x for x in preds if not x.ok]
     for x in failed:
         print(f"xrdvision: error: {x.error}", file=sys.stderr)
@@ -179,10 +184,11 @@ def cmd_evaluate_measured(p: Params, a: argparse.Namespace) -> None:
         print(f"evaluate_measured: skipped: {m['reason']}")
         return
     print(
-        f"evaluate_measured: {m['label_mode'].replace('_', ' ')} accuracy {m['accuracy']:.3f} "
-        f"(95% CI {m['accuracy_ci95_low']:.3f}-{m['accuracy_ci95_high']:.3f}) on {m['n']} measured "
-        f"patterns, top-3 {m['top3_accuracy']:.3f}; {m['n_failed']} failed; {m['n_unlabelled']} "
-        f"unlabelled; reports: {a.out}"
+        f"evaluate_measured: {m['label_mode'].replace('_', ' ')} accuracy {m['measured_accuracy']:.3f} "
+        f"(95% CI {m['measured_accuracy_ci95_low']:.3f}-{m['measured_accuracy_ci95_high']:.3f}), "
+        f"balanced {m['measured_balanced_accuracy']:.3f} on {m['n']} measured patterns, top-3 "
+        f"{m['measured_top3_accuracy']:.3f}; {m['n_failed']} failed; {m['n_unlabelled']} unlabelled; "
+        f"reports: {a.out}"
     )
 
 
@@ -263,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_train,
         "Fine-tune the VGG16 tail; log to MLflow; register the model as challenger.",
         features="data/features",
+        split="data/split",
         models="models",
         metrics="metrics/train.json",
         history="plots/training.csv",
@@ -308,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_predict,
         "Classify CIFs, measured patterns (xy/csv/dat, RRUFF) or 224x224 images with a registered model.",
     )
+    pred.set_defaults(params_optional=True)  # the model carries its input settings: any folder will do
     pred.add_argument("files", nargs="+", metavar="FILE", help="CIF, measured pattern or PNG image")
     pred.add_argument(
         "--model",
@@ -337,13 +345,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _no_params_needed(parser: argparse.ArgumentParser, args: argparse.Namespace) -> bool:
+    """A command that can do without params.yaml (predict), run where there is none and none was named."""
+    return (
+        getattr(args, "params_optional", False)
+        and args.params == parser.get_default("params")
+        and "XRDVISION_PARAMS" not in os.environ
+        and not Path(args.params).exists()
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     _quiet_tensorflow()
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(verbose=args.verbose, quiet=args.quiet)
     try:
-        params = load_params(args.params)
+        params = None if _no_params_needed(parser, args) else load_params(args.params)
         status = args.func(params, args)
     except XrdVisionError as exc:
         print(f"xrdvision: error: {exc}", file=sys.stderr)

@@ -3,8 +3,9 @@
 The test split is small (~85 structures on the whole shared COD set, ~15 on the embedded sample), so
 every accuracy comes with a 95 % bootstrap confidence interval over test structures; a point figure
 alone would overstate what we know. Results go to DVC (``metrics/metrics.json``, ``plots/``) and to the
-MLflow run that trained the model, and onto the registered model version as tags (what ``promote``
-and ``models`` read).
+MLflow run that trained the model (linked to its logged model and to the test split as a dataset), and
+onto the registered model version as tags (what ``promote`` and ``models`` read). Every figure is named
+``test_*`` (``test_accuracy``, ``test_accuracy_ci95_low``, ...) in ``metrics/metrics.json`` and MLflow.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,9 @@ from xrdvision.models.train import encode_labels
 from xrdvision.tracking import runs
 
 log = logging.getLogger(__name__)
+
+# The test figures every evaluated model version carries as tags (``promote`` compares one of them).
+TEST_METRICS = ("test_accuracy", "test_loss", "test_macro_f1", "test_top3_accuracy")
 
 
 def bootstrap_ci(
@@ -53,8 +58,14 @@ def top_k_hits(probs: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
 
 
 def classification_metrics(probs: np.ndarray, y: np.ndarray, classes: list[str], seed: int) -> dict[str, Any]:
-    """Accuracy (+ CI), loss, top-3/top-5 accuracy and macro F1 from predicted probabilities."""
-    from sklearn.metrics import f1_score, top_k_accuracy_score
+    """Accuracy (+ CI), balanced accuracy, loss, top-3/top-5 accuracy and macro F1 from probabilities.
+
+    The keys are bare (``accuracy``, ``n_test``); the stages name them for where they were measured
+    with :func:`named` (``test_accuracy``, ``measured_accuracy``).
+    """
+    import warnings
+
+    from sklearn.metrics import balanced_accuracy_score, f1_score, top_k_accuracy_score
 
     labels = np.arange(probs.shape[1])
     pred = probs.argmax(axis=1)
@@ -62,10 +73,14 @@ def classification_metrics(probs: np.ndarray, y: np.ndarray, classes: list[str],
     p_true = np.clip(probs[np.arange(len(y)), y], 1e-7, 1.0)
     present = sorted(set(y.tolist()) | set(pred.tolist()))
     lo, hi = bootstrap_ci(correct, seed)
+    with warnings.catch_warnings():  # a predicted class that no image has: scikit-learn warns, rightly
+        warnings.simplefilter("ignore", UserWarning)
+        balanced = float(balanced_accuracy_score(y, pred))
     out = {
         "accuracy": float(correct.mean()),
         "accuracy_ci95_low": lo,
         "accuracy_ci95_high": hi,
+        "balanced_accuracy": balanced,
         "loss": float(-np.mean(np.log(p_true))),
         "top3_accuracy": float(top_k_accuracy_score(y, probs, k=3, labels=labels)),
         "macro_f1": float(f1_score(y, pred, labels=present, average="macro", zero_division=0)),
@@ -76,6 +91,15 @@ def classification_metrics(probs: np.ndarray, y: np.ndarray, classes: list[str],
         top5 = float(top_k_accuracy_score(y, probs, k=5, labels=labels))
         out.update({"top5_accuracy": top5, "top5_ci95_low": lo5, "top5_ci95_high": hi5})
     return out
+
+
+def named(figures: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """``accuracy`` -> ``<prefix>_accuracy`` (the one metric scheme: ``test_*``, ``measured_*``); counts
+    (``n``, ``n_test``) and nested tables keep their names."""
+    return {
+        k if k == "n" or k.startswith("n_") or isinstance(v, dict) else f"{prefix}_{k}": v
+        for k, v in figures.items()
+    }
 
 
 def predict_images(model, paths: list[Path], batch_size: int = 16) -> np.ndarray:
@@ -105,13 +129,15 @@ def plot_confusion(matrix: np.ndarray, names: list[str], path: Path, title: str)
     import matplotlib.pyplot as plt
 
     k = len(names)
-    fig, ax = plt.subplots(figsize=(max(5, 0.6 * k + 2), max(4, 0.6 * k + 1.5)), dpi=100)
+    size = (max(5, 0.6 * k + 2), max(4, 0.6 * k + 1.5))
+    # constrained layout + a tight bounding box: the title, tick labels and axis labels are never clipped
+    fig, ax = plt.subplots(figsize=size, dpi=100, layout="constrained")
     ax.imshow(matrix, cmap="Blues")
     ax.set_xticks(range(k), names, rotation=45, ha="right")
     ax.set_yticks(range(k), names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(title)
+    ax.set_title(textwrap.fill(title, width=max(40, int(size[0] * 9))), fontsize=10)
     vmax = matrix.max() if matrix.size else 0
     for i in range(k):
         for j in range(k):
@@ -125,9 +151,8 @@ def plot_confusion(matrix: np.ndarray, names: list[str], path: Path, title: str)
                     color="white" if matrix[i, j] > vmax / 2 else "black",
                     fontsize=8,
                 )
-    fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp)
+        fig.savefig(tmp, bbox_inches="tight", pad_inches=0.1)
     plt.close(fig)
 
 
@@ -162,7 +187,7 @@ def run_evaluate(
     y = encode_labels(np.array([r[mode] for r in rows]), classes, str(Path(split_dir) / "test.csv"))
     model = load_full_model(model_dir / "model.keras")
     probs = predict_images(model, [Path(image_dir) / r["image"] for r in rows])
-    metrics = classification_metrics(probs, y, classes, params.seed)
+    metrics = named(classification_metrics(probs, y, classes, params.seed), "test")
     if train_metrics_path is not None and Path(train_metrics_path).is_file():
         tm = json.loads(Path(train_metrics_path).read_text())
         metrics.update(
@@ -188,7 +213,8 @@ def run_evaluate(
         matrix,
         names,
         plots_dir / "confusion_matrix.png",
-        f"{mode.replace('_', ' ')}: test accuracy {metrics['accuracy']:.1%} (n={len(y)})",
+        f"{mode.replace('_', ' ')}: test accuracy {metrics['test_accuracy']:.1%} "
+        f"[{metrics['test_accuracy_ci95_low']:.0%}-{metrics['test_accuracy_ci95_high']:.0%}] (n={len(y)})",
     )
     report_kwargs = {"labels": present, "target_names": names, "zero_division": 0}
     write_text(reports_dir / "classification_report.txt", classification_report(y, pred, **report_kwargs))
@@ -197,9 +223,13 @@ def run_evaluate(
         classification_report(y, pred, output_dict=True, **report_kwargs),
     )
     write_json(metrics_path, metrics)
+    test_set = runs.split_dataset(
+        Path(split_dir) / "test.csv", f"{runs.data_source(params)}-test", params.labels.mode
+    )
     _log_to_mlflow(
         run_info,
         metrics,
+        test_set,
         [
             plots_dir / "confusion.csv",
             plots_dir / "confusion_matrix.png",
@@ -211,17 +241,55 @@ def run_evaluate(
     return metrics
 
 
-def _log_to_mlflow(run_info: dict[str, Any], metrics: dict[str, Any], artifacts: list[Path]) -> None:
-    """Test figures onto the training run and onto the registered model version (for promotion)."""
+def test_summary(metrics: dict[str, Any]) -> str:
+    """``test accuracy 40.7 % (95 % CI 30.2-51.2 %) on 86 structures``: appended to the run's note."""
+    return (
+        f"test accuracy {metrics['test_accuracy']:.1%} (95% CI {metrics['test_accuracy_ci95_low']:.1%}-"
+        f"{metrics['test_accuracy_ci95_high']:.1%}) on {metrics['n_test']} structures"
+    )
+
+
+def _log_to_mlflow(
+    run_info: dict[str, Any], metrics: dict[str, Any], test_set, artifacts: list[Path]
+) -> None:
+    """Test figures onto the training run, linked to its logged model and to the test split dataset.
+
+    The run gets the split table as a ``testing`` input, ``test_*`` metrics (with the model id, so the
+    Models page shows them beside the model, and the dataset, so they say which split), the split's md5
+    as tag ``test_split_md5``, and a note ending in the test figure; the registered version gets the same
+    figures and split hash as tags (what ``promote`` and ``models`` read).
+    """
     import mlflow
 
     client = mlflow.MlflowClient()
-    for k, v in metrics.items():
-        # train_/val_ figures were logged by the train stage (as final_*); only test figures are new.
-        if not k.startswith(("train_", "val_")) and isinstance(v, (int, float)) and np.isfinite(v):
-            client.log_metric(run_info["run_id"], f"test_{k}", float(v))
+    run_id, model_id = run_info["run_id"], run_info.get("model_id")
+    client.log_inputs(run_id, [runs.dataset_input(test_set, "testing")])
+    figures = {
+        k: float(v)
+        for k, v in metrics.items()
+        if (k.startswith("test_") or k == "n_test") and isinstance(v, (int, float)) and np.isfinite(v)
+    }
+    for k, v in figures.items():
+        client.log_metric(
+            run_id, k, v, model_id=model_id, dataset_name=test_set.name, dataset_digest=test_set.digest
+        )
+    tags = client.get_run(run_id).data.tags
+    held_out = tags.get(runs.TEST_SPLIT_TAG)
+    if held_out and held_out != test_set.digest:
+        log.warning(
+            "evaluate: the model was trained with another test split held out (md5 %s, this one %s): "
+            "it may have trained on some of these test structures",
+            held_out[:8],
+            test_set.digest[:8],
+        )
+    client.set_tag(run_id, runs.TEST_SPLIT_TAG, test_set.digest)
+    note = tags.get(runs.NOTE_TAG, "").split("; test accuracy")[0]
+    client.set_tag(run_id, runs.NOTE_TAG, f"{note}; {test_summary(metrics)}".lstrip("; "))
     for path in artifacts:
-        client.log_artifact(run_info["run_id"], str(path), "evaluation")
+        client.log_artifact(run_id, str(path), "evaluation")
+    if model_id:
+        client.set_logged_model_tags(model_id, {runs.TEST_SPLIT_TAG: test_set.digest})
     name, version = run_info["registered_model"], run_info["version"]
-    for k in ("accuracy", "loss", "macro_f1", "top3_accuracy"):
-        client.set_model_version_tag(name, version, f"test_{k}", f"{metrics[k]:.6f}")
+    for k in TEST_METRICS:
+        client.set_model_version_tag(name, version, k, f"{metrics[k]:.6f}")
+    client.set_model_version_tag(name, version, runs.TEST_SPLIT_TAG, test_set.digest)

@@ -8,7 +8,6 @@ metrics (:func:`xrdvision.models.evaluate.classification_metrics`).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,8 +18,9 @@ from xrdvision.config import Params
 from xrdvision.crystal.labels import class_names
 from xrdvision.errors import XrdVisionError, one_line
 from xrdvision.formats.tables import read_split
-from xrdvision.models.evaluate import classification_metrics, predict_images
+from xrdvision.models.evaluate import classification_metrics, named, predict_images
 from xrdvision.models.train import encode_labels
+from xrdvision.tracking import runs
 
 
 def load_test_split(params: Params, split_dir: Path, image_dir: Path) -> tuple[list[Path], np.ndarray, str]:
@@ -31,16 +31,20 @@ def load_test_split(params: Params, split_dir: Path, image_dir: Path) -> tuple[l
         raise XrdVisionError(f"{path}: the test split is empty")
     mode = params.labels.mode
     y = encode_labels(np.array([r[mode] for r in rows]), class_names(mode), str(path))
-    md5 = hashlib.md5(path.read_bytes()).hexdigest()
+    md5 = runs.file_md5(path)  # the digest the evaluate stage tags runs and versions with
     return [Path(image_dir) / r["image"] for r in rows], y, md5
 
 
 def evaluate_version(uri: str, paths: list[Path], y: np.ndarray, params: Params) -> dict[str, Any]:
-    """Load a registered version (``models:/<name>/<version>``, Keras flavour) and score it on the images."""
+    """Load a registered version (``models:/<name>/<version>``) and score it on the images: ``test_*``.
+
+    ``mlflow.tensorflow.load_model`` reads both the TensorFlow flavour the train stage logs and the Keras
+    flavour of versions registered before.
+    """
     import mlflow
 
     try:
-        model = mlflow.keras.load_model(uri)
+        model = mlflow.tensorflow.load_model(uri)
     except Exception as exc:  # missing artifacts, wrong flavour, corrupt archive: several types
         raise XrdVisionError(f"{uri}: cannot load the registered model ({one_line(exc)})") from None
     classes = class_names(params.labels.mode)
@@ -50,11 +54,11 @@ def evaluate_version(uri: str, paths: list[Path], y: np.ndarray, params: Params)
             f"{uri}: model has {n_out} outputs, labels.mode={params.labels.mode} has {len(classes)} classes"
         )
     probs = predict_images(model, paths)
-    return classification_metrics(probs, y, classes, params.seed)
+    return named(classification_metrics(probs, y, classes, params.seed), "test")
 
 
 def test_split_scorer(params: Params, split_dir: Path, image_dir: Path) -> Callable[[str], dict[str, Any]]:
-    """``score(model_uri) -> figures`` on the test split, with ``n_test`` and ``test_split_md5``.
+    """``score(model_uri) -> test_* figures`` on the test split, with ``n_test`` and ``test_split_md5``.
 
     The split is read on the first call, not here: ``promote`` checks the registry first, so a
     registry without a challenger is reported before a missing split is, and nothing is loaded twice.

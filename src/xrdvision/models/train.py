@@ -13,7 +13,6 @@ import csv
 import hashlib
 import json
 import logging
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,15 @@ from xrdvision.tracking import runs
 log = logging.getLogger(__name__)
 
 HISTORY_KEYS = ("loss", "accuracy", "top3_accuracy", "val_loss", "val_accuracy", "val_top3_accuracy")
+# What travels with a model so that an input is prepared as its training images were (see input_settings).
+INPUT_SETTINGS_FILE = "preprocessing.json"
+INPUT_SETTINGS_FORMAT = 1
+INPUT_SETTINGS: dict[str, tuple[str, ...]] = {
+    "simulate": ("wavelength", "kalpha2", "two_theta_min", "two_theta_max", "step", "fwhm", "eta"),
+    "labels": ("mode", "symprec", "angle_tolerance"),
+    "render": ("size", "line_width"),
+    "measured": ("wavelength",),
+}
 
 
 def encode_labels(values: np.ndarray, classes: list[str], where: str) -> np.ndarray:
@@ -70,15 +78,20 @@ def class_weight_map(y: np.ndarray) -> dict[int, float]:
     return {int(c): float(w) for c, w in zip(present, weights, strict=True)}
 
 
+def epoch_metric_name(keras_key: str) -> str:
+    """Keras' history key as logged: ``loss`` -> ``train_loss``; ``val_loss`` stays ``val_loss``."""
+    return keras_key if keras_key.startswith("val_") else f"train_{keras_key}"
+
+
 def mlflow_epoch_callback():
     import keras
     import mlflow
 
     class MlflowEpochLogger(keras.callbacks.Callback):
-        """Per-epoch metrics to the active MLflow run (step = epoch)."""
+        """Per-epoch ``train_*`` / ``val_*`` metrics to the active MLflow run (step = epoch)."""
 
         def on_epoch_end(self, epoch, logs=None):
-            logs = {k: float(v) for k, v in (logs or {}).items() if np.isscalar(v)}
+            logs = {epoch_metric_name(k): float(v) for k, v in (logs or {}).items() if np.isscalar(v)}
             mlflow.log_metrics(logs, step=epoch)
 
     return MlflowEpochLogger()
@@ -186,9 +199,24 @@ def write_history_csv(path: Path, hist: dict[str, list[float]]) -> None:
     keys = [k for k in HISTORY_KEYS if k in hist]
     with atomic_open(path, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
-        w.writerow(["epoch", *keys])
+        w.writerow(["epoch", *(epoch_metric_name(k) for k in keys)])
         for e in range(len(hist.get("loss", []))):
             w.writerow([e, *(f"{hist[k][e]:.6f}" for k in keys)])
+
+
+def input_settings(params: Params, classes: list[str]) -> dict[str, Any]:
+    """What it takes to prepare an input the way this model's training images were made.
+
+    Stored with the model (``preprocessing.json`` in the ``models/`` folder, ``preprocessing`` in the
+    logged model's MLmodel metadata), so that ``predict`` needs no ``params.yaml``: the grid, wavelength
+    and peak profile a CIF is simulated with, the rendering, the label mode and class order, and the
+    wavelength assumed for a measured scan that states none.
+    """
+    out: dict[str, Any] = {"format": INPUT_SETTINGS_FORMAT, "classes": list(classes)}
+    for section, keys in INPUT_SETTINGS.items():
+        values = getattr(params, section)
+        out[section] = {k: getattr(values, k) for k in keys}
+    return out
 
 
 def run_train(
@@ -197,28 +225,42 @@ def run_train(
     model_dir: Path,
     metrics_path: Path,
     history_path: Path,
+    split_dir: Path = Path("data/split"),
 ) -> dict[str, Any]:
-    """Train, then save the full model, metrics and curves, and log + register the model in MLflow."""
+    """Train, then save the full model, metrics and curves, and log + register the model in MLflow.
+
+    The MLflow run is named by :func:`~xrdvision.tracking.runs.run_name`, described in one line
+    (``mlflow.note.content``), tagged with the git commit and the DVC hashes of its data, and lists the
+    training and validation split tables as its datasets (``split_dir``).
+    """
     import mlflow
 
     runs.setup(params.mlflow)  # fail now, not after training, if the store does not answer
-    features_dir, model_dir = Path(features_dir), Path(model_dir)
+    features_dir, model_dir, split_dir = Path(features_dir), Path(model_dir), Path(split_dir)
     train = load_features(features_dir / "train.npz")
     val = load_features(features_dir / "val.npz")
     mode = params.labels.mode
+    classes = class_names(mode)
     runs.use_experiment(params.mlflow)
-    with mlflow.start_run(run_name=f"train-{mode}") as run:
+    with mlflow.start_run(run_name=runs.run_name(params)) as run:
         mlflow.log_params(params.flat())
         data = runs.data_hashes(["data/images", "data/split", "data/features"])
+        sha = runs.git_sha()
         mlflow.set_tags(
             {
+                runs.NOTE_TAG: runs.run_note(params),
                 "git_commit": runs.git_commit(),
+                **({"mlflow.source.git.commit": sha} if sha else {}),
+                "model_kind": runs.MODEL_KIND,
+                "data_source": runs.data_source(params),
+                "params_hash": runs.params_digest(params),
                 "label_mode": mode,
                 "weights_md5": str(train.get("weights_md5", "")),
                 "cut_layer": str(train.get("cut_layer", "")),
                 **{f"data_md5.{k}": v for k, v in data.items()},
             }
         )
+        test_md5 = _log_split_inputs(params, split_dir, {"train": "training", "val": "validation"})
         backup = _backup_dir(params, features_dir)
         net, hist, info = fit_tail(
             params, train, val, extra_callbacks=[mlflow_epoch_callback()], backup_dir=backup
@@ -238,57 +280,119 @@ def run_train(
             "n_train_images": len(train["features"]),
             "n_val_images": len(val["features"]),
         }
-        mlflow.log_metrics({f"final_{k}": float(v) for k, v in metrics.items()})
+        # The per-epoch train_*/val_* curves are logged already; these are about the run as a whole.
+        mlflow.log_metrics({k: float(metrics[k]) for k in ("best_epoch", "epochs_run", "train_seconds")})
+        mlflow.log_metrics({k: float(metrics[k]) for k in ("n_train_images", "n_val_images")})
+        mlflow.set_tag(
+            runs.NOTE_TAG,
+            runs.run_note(
+                params,
+                f"best val_loss {metrics['val_loss']:.3f} (val accuracy {metrics['val_accuracy']:.1%}) "
+                f"at epoch {info['best_epoch']} of {info['epochs_run']}",
+            ),
+        )
         model_path = model_dir / "model.keras"
         with atomic_path(model_path, suffix=".keras") as tmp:
             net.full.save(tmp)
-        classes = class_names(mode)
+        settings = input_settings(params, classes)
         write_json(model_dir / "classes.json", {"mode": mode, "classes": classes})
-        uri, version = log_and_register(net.full, params, classes, model_dir / "classes.json")
+        write_json(model_dir / INPUT_SETTINGS_FILE, settings)
+        logged = log_and_register(net.full, params, classes, step=info["best_epoch"])
+        if test_md5:
+            mlflow.MlflowClient().set_model_version_tag(
+                logged["registered_model"], logged["version"], runs.TEST_SPLIT_TAG, test_md5
+            )
         write_json(metrics_path, metrics)
         write_history_csv(history_path, hist)
         mlflow.log_artifact(str(history_path), "plots")
         info_out = {
             "run_id": run.info.run_id,
+            "run_name": run.info.run_name,
             "experiment": params.mlflow.experiment,
             "tracking_uri": runs.tracking_uri(params.mlflow),
-            "registered_model": runs.registered_model_name(params.mlflow, mode),
-            "version": version,
-            "model_uri": uri,
+            "registered_model": logged["registered_model"],
+            "version": logged["version"],
+            "model_uri": logged["model_uri"],
+            "model_id": logged["model_id"],
             "label_mode": mode,
         }
         runs.write_run_info(model_dir / runs.RUN_INFO, info_out)
     return {**metrics, **info_out}
 
 
-def log_and_register(full_model, params: Params, classes: list[str], classes_file: Path) -> tuple[str, str]:
-    """Log the full model (Keras flavour, signature, input example) and register it as ``challenger``."""
+def _log_split_inputs(params: Params, split_dir: Path, contexts: dict[str, str]) -> str | None:
+    """The split tables this run saw, as MLflow datasets (the run page's and run list's dataset column);
+    the test split's md5 (held out from this model) as tag ``test_split_md5``, which it returns."""
+    import mlflow
+
+    found = {s: split_dir / f"{s}.csv" for s in contexts if (split_dir / f"{s}.csv").is_file()}
+    if len(found) < len(contexts):
+        log.warning("train: no split lists in %s; the MLflow run lists no datasets", split_dir)
+        return None
+    source = runs.data_source(params)
+    datasets = [runs.split_dataset(path, f"{source}-{s}", params.labels.mode) for s, path in found.items()]
+    mlflow.log_inputs(
+        datasets=datasets, contexts=[contexts[s] for s in found], tags_list=[None] * len(datasets)
+    )
+    test = split_dir / "test.csv"
+    if not test.is_file():
+        return None
+    md5 = runs.file_md5(test)  # the split held out from this model: what its test figures must come from
+    mlflow.set_tag(runs.TEST_SPLIT_TAG, md5)
+    return md5
+
+
+def log_and_register(
+    full_model, params: Params, classes: list[str], *, step: int = 0, name: str = "model"
+) -> dict[str, str]:
+    """Log the full model as an MLflow logged model and register it as ``challenger``.
+
+    TensorFlow flavour (``mlflow.tensorflow.log_model``: it saves a Keras 3 model as ``.keras`` and
+    serves it through pyfunc), with signature, input example and the input settings as MLmodel metadata.
+    ``mlflow.keras.log_model`` is not used: in MLflow 3.17 it writes the input example before it creates
+    the model folder and fails (mlflow/mlflow#16183). ``step`` is the epoch whose weights the model
+    holds: the run's ``train_*`` / ``val_*`` figures of that epoch are linked to the logged model.
+    ``name`` "model" keeps ``runs:/<run id>/model`` pointing at it; the Models page shows the run's
+    name beside it.
+    """
     import mlflow
     from mlflow.models import infer_signature
 
-    name = runs.registered_model_name(params.mlflow, params.labels.mode)
+    mode = params.labels.mode
+    registered = runs.registered_model_name(params.mlflow, mode)
     example = np.zeros((1, 224, 224, 3), dtype=np.float32)
     example[0, 200:, :, :] = 255.0  # a flat white baseline, as a rendered empty pattern looks
     signature = infer_signature(example, np.asarray(full_model.predict(example, verbose=0)))
-    # mlflow.keras.log_model (MLflow 3.17) writes the input example before it creates the model
-    # folder and fails; save_model into a folder we create, then log and register that folder.
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp) / "model"
-        local.mkdir()
-        mlflow.keras.save_model(
-            full_model,
-            str(local),
-            signature=signature,
-            input_example=example,
-            metadata={"classes": classes, "label_mode": params.labels.mode},
-        )
-        mlflow.log_artifacts(str(local), "model")
-    run_id = mlflow.active_run().info.run_id
-    mv = mlflow.register_model(f"runs:/{run_id}/model", name)
-    mlflow.log_artifact(str(classes_file))
+    info = mlflow.tensorflow.log_model(
+        full_model,
+        name=name,
+        signature=signature,
+        input_example=example,
+        pip_requirements=_pip_requirements(),
+        metadata={"classes": classes, "label_mode": mode, "preprocessing": input_settings(params, classes)},
+        tags={"label_mode": mode, "model_kind": runs.MODEL_KIND, "params_hash": runs.params_digest(params)},
+        step=step,
+    )
+    mv = mlflow.register_model(info.model_uri, registered)
     client = mlflow.MlflowClient()
     version = str(mv.version)
-    client.set_registered_model_alias(name, "challenger", version)
-    client.set_model_version_tag(name, version, "label_mode", params.labels.mode)
-    client.set_model_version_tag(name, version, "classes", json.dumps(classes))
-    return f"models:/{name}/{version}", version
+    client.set_registered_model_alias(registered, "challenger", version)
+    client.set_model_version_tag(registered, version, "label_mode", mode)
+    client.set_model_version_tag(registered, version, "classes", json.dumps(classes))
+    client.set_model_version_tag(registered, version, "model_id", info.model_id)
+    return {
+        "registered_model": registered,
+        "version": version,
+        "model_uri": f"models:/{registered}/{version}",
+        "model_id": info.model_id,
+        "logged_model_uri": info.model_uri,
+    }
+
+
+def _pip_requirements() -> list[str]:
+    """What serving the model needs, pinned to this environment's distributions (``tensorflow-cpu``
+    here); MLflow would otherwise infer them by loading the model again in a subprocess."""
+    from importlib.metadata import packages_distributions, version
+
+    tensorflow = packages_distributions().get("tensorflow", ["tensorflow"])[0]
+    return [f"{name}=={version(name)}" for name in ("mlflow", tensorflow, "keras", "numpy")]

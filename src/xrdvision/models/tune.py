@@ -90,7 +90,9 @@ def make_objective(params: Params, features: DepthFeatures, weights: Path, recor
         trial_params = apply_overrides(params, {**overrides, "train.epochs": params.tune.epochs})
         train, val = features.get(trial_params.model.trainable_conv)
         pruned_at = None
-        with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True) as run:
+        with mlflow.start_run(
+            run_name=runs.run_name(trial_params, f"trial{trial.number}"), nested=True
+        ) as run:
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
             mlflow.log_params(trial_params.flat())
             mlflow.set_tags(

@@ -2,7 +2,9 @@
 
 The patterns listed in ``params.measured.folder``/``INDEX.csv`` are prepared as for prediction and
 classified; the figures (accuracy with a bootstrap confidence interval, top-3, macro F1, per source and
-per class, a confusion matrix) are written for DVC and logged to MLflow.
+per class, a confusion matrix) are written for DVC and logged to MLflow. Every figure is named
+``measured_*`` (``measured_accuracy``, ``measured_balanced_accuracy``, ...) in ``metrics/measured.json``
+and in MLflow, where they are linked to the model's logged model and to ``INDEX.csv`` as a dataset.
 """
 
 from __future__ import annotations
@@ -61,9 +63,10 @@ def _source_of(file: str) -> str:
 def measured_metrics(
     probs: np.ndarray, y: np.ndarray, sources: list[str], classes: list[str], seed: int
 ) -> dict[str, Any]:
-    """Overall figures (accuracy with a 95 % bootstrap CI, top-3, macro F1, loss), per source and per
-    true class, plus the majority-class baseline (what always answering the commonest class scores)."""
-    from xrdvision.models.evaluate import bootstrap_ci, classification_metrics
+    """Overall figures (accuracy with a 95 % bootstrap CI, balanced accuracy, top-3, macro F1, loss), per
+    source and per true class, plus the majority-class baseline (what always answering the commonest
+    class scores). Overall figures are named ``measured_*``; counts and the nested tables are not."""
+    from xrdvision.models.evaluate import bootstrap_ci, classification_metrics, named
 
     pred = probs.argmax(axis=1)
     correct = (pred == y).astype(np.float64)
@@ -92,7 +95,7 @@ def measured_metrics(
         }
     out["per_source"] = per_source
     out["per_class"] = per_class
-    return out
+    return named(out, "measured")
 
 
 def run_evaluate_measured(
@@ -136,7 +139,7 @@ def run_evaluate_measured(
             f"{lm.uri}: classes are not a known label mode; cannot score against INDEX labels"
         )
     index_of = {c: i for i, c in enumerate(lm.classes)}
-    prep = Preparer(params, lm.image_size)
+    prep = Preparer(lm.input_params(params), lm.image_size)
     show = logger.isEnabledFor(logging.INFO)  # the CLI's --quiet hides the progress bars too
     logger.info(
         "evaluate_measured: %d INDEX rows in %s; model %s (classes: %s)",
@@ -198,12 +201,13 @@ def run_evaluate_measured(
         ([name, *r.tolist()] for name, r in zip(names, matrix, strict=True)),
     )
     title = (
-        f"measured patterns, {mode.replace('_', ' ')}: accuracy {metrics['accuracy']:.1%} "
-        f"[{metrics['accuracy_ci95_low']:.0%}-{metrics['accuracy_ci95_high']:.0%}] (n={len(y)})"
+        f"measured patterns, {mode.replace('_', ' ')}: accuracy {metrics['measured_accuracy']:.1%} "
+        f"[{metrics['measured_accuracy_ci95_low']:.0%}-{metrics['measured_accuracy_ci95_high']:.0%}], "
+        f"balanced {metrics['measured_balanced_accuracy']:.1%} (n={len(y)})"
     )
     plot_confusion(matrix, names, out_dir / "confusion_matrix.png", title)
     write_json(out_metrics, metrics)
-    metrics["mlflow_run_id"] = _log_measured(params, lm, metrics, out_dir)
+    metrics["mlflow_run_id"] = _log_measured(params, lm, metrics, out_dir, folder / mp.index)
     return metrics
 
 
@@ -243,7 +247,7 @@ def _flat_figures(metrics: dict[str, Any]) -> dict[str, float]:
     out: dict[str, float] = {}
     for k, v in metrics.items():
         if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v):
-            out[f"measured_{k}"] = float(v)
+            out[k if k.startswith("measured_") else f"measured_{k}"] = float(v)
     for s, d in metrics.get("per_source", {}).items():
         for k, v in d.items():
             if np.isfinite(v):
@@ -251,8 +255,11 @@ def _flat_figures(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def _log_measured(params: Params, lm: LoadedModel, metrics: dict[str, Any], out_dir: Path) -> str:
-    """Log to the model's training run (or a new run); returns the run id."""
+def _log_measured(
+    params: Params, lm: LoadedModel, metrics: dict[str, Any], out_dir: Path, index: Path
+) -> str:
+    """Log to the model's training run (or a new run), linked to its logged model and to ``index`` as
+    the ``measured`` dataset; returns the run id."""
     import mlflow
 
     runs.setup(params.mlflow)
@@ -271,8 +278,14 @@ def _log_measured(params: Params, lm: LoadedModel, metrics: dict[str, Any], out_
                 {"model_uri": lm.uri, "label_mode": lm.label_mode, "git_commit": runs.git_commit()}
             )
             run_id = run.info.run_id
+    measured = runs.split_dataset(
+        index, f"measured-{index.parent.name}", lm.label_mode, key="file", unit="patterns"
+    )
+    client.log_inputs(run_id, [runs.dataset_input(measured, "measured")])
     for k, v in figures.items():
-        client.log_metric(run_id, k, v)
+        client.log_metric(
+            run_id, k, v, model_id=lm.model_id, dataset_name=measured.name, dataset_digest=measured.digest
+        )
     for name in (
         "predictions.csv",
         "per_class.csv",
@@ -284,6 +297,7 @@ def _log_measured(params: Params, lm: LoadedModel, metrics: dict[str, Any], out_
     if lm.registered is not None:
         name, version = lm.registered
         with contextlib.suppress(Exception):  # a version from another store: the run has the figures
-            client.set_model_version_tag(name, version, "measured_accuracy", f"{metrics['accuracy']:.6f}")
+            for k in ("measured_accuracy", "measured_balanced_accuracy"):
+                client.set_model_version_tag(name, version, k, f"{metrics[k]:.6f}")
             client.set_model_version_tag(name, version, "measured_n", str(metrics["n"]))
     return run_id

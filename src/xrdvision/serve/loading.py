@@ -1,14 +1,23 @@
-"""Loading a trained classifier for prediction: model URIs, the registry, class lists, settings checks.
+"""Loading a trained classifier for prediction: model URIs, the registry, class lists, input settings.
 
 The model comes from the MLflow registry (``models:/<prefix>-<mode>@champion`` by default), any alias,
 version or run URI, an MLflow model folder or a local ``.keras`` file. Where its class list comes from is
 recorded, and a model whose outputs do not match the class list is refused rather than silently
-mislabelled. :func:`settings_mismatch` names the image settings that differ from the model's training run.
+mislabelled.
+
+A model carries its input settings (grid, wavelength, peak profile, rendering, label mode, classes; see
+:func:`xrdvision.models.train.input_settings`): ``preprocessing.json`` beside ``model.keras`` in a
+``models/`` folder, ``preprocessing`` in a logged model's MLmodel metadata. Inputs are prepared with
+those (:meth:`LoadedModel.input_params`), so predicting needs no ``params.yaml``. An older model without
+them falls back to ``params.yaml`` with a warning (and :func:`settings_mismatch` names the image
+settings that differ from its training run), or fails in one line when there is no ``params.yaml``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from xrdvision.config import Params
+from xrdvision.config import MlflowParams, Params
 from xrdvision.errors import XrdVisionError, one_line
+from xrdvision.models.train import INPUT_SETTINGS, INPUT_SETTINGS_FILE
 from xrdvision.tracking import runs
 
 CHAMPION = "champion"
@@ -42,6 +52,17 @@ class LoadedModel:
     run_id: str | None = None
     registered: tuple[str, str] | None = None  # (registered model name, version)
     warnings: list[str] = field(default_factory=list)
+    settings: dict[str, Any] | None = None  # input settings stored with the model (None: an older one)
+    settings_from: str = ""
+    model_id: str | None = None  # the MLflow logged model, when known
+
+    def input_params(self, params: Params | None) -> Params:
+        """The settings to prepare inputs with: the model's own, else (an older model) ``params``."""
+        if self.settings is not None:
+            return apply_input_settings(params or Params(), self.settings, self.settings_from)
+        if params is None:
+            raise XrdVisionError(no_settings_error(self.uri))
+        return params
 
     @property
     def image_size(self) -> int:
@@ -61,9 +82,44 @@ class LoadedModel:
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)))
 
 
-def default_model_uri(params: Params) -> str:
+def default_model_uri(params: Params | None) -> str:
     """``models:/<prefix>-<label mode>@champion``: the model users get unless they ask for another."""
+    params = params or Params()
     return f"models:/{runs.registered_model_name(params.mlflow, params.labels.mode)}@{CHAMPION}"
+
+
+def no_settings_error(uri: str) -> str:
+    return (
+        f"{uri}: the model carries no input settings (trained before they were stored with it) and there "
+        "is no params.yaml here to take them from: run where its params.yaml is, or pass --params"
+    )
+
+
+def apply_input_settings(params: Params, settings: dict[str, Any], where: str) -> Params:
+    """``params`` with the simulate / labels / render / measured-wavelength values a model stored."""
+    try:
+        changes = {}
+        for section, keys in INPUT_SETTINGS.items():
+            stored = settings.get(section) or {}
+            changes[section] = dataclasses.replace(
+                getattr(params, section), **{k: stored[k] for k in keys if k in stored}
+            )
+        return dataclasses.replace(params, **changes)
+    except Exception as exc:  # a pydantic ValidationError or a TypeError from a hand-edited file
+        raise XrdVisionError(f"{where}: invalid input settings ({one_line(exc)[:200]})") from None
+
+
+def _settings_json(path: Path) -> dict[str, Any] | None:
+    """``preprocessing.json`` beside a ``.keras`` file, or None (an older model)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise XrdVisionError(f"{path}: unreadable input settings ({exc})") from None
+    if not isinstance(data, dict):
+        raise XrdVisionError(f"{path}: expected a mapping of input settings")
+    return data
 
 
 def _mode_for(classes: list[str]) -> str:
@@ -113,14 +169,26 @@ def _load_local(path: Path) -> LoadedModel:
     classes_from = str(keras_file.parent / CLASSES_FILE)
     if classes is None:
         classes, classes_from = _default_classes(int(model.output_shape[-1]), str(path))
-    run_id, registered = None, None
+    run_id, registered, model_id = None, None, None
     run_json = keras_file.parent / runs.RUN_INFO
     if run_json.is_file():
         info = runs.read_run_info(run_json)
-        run_id = info.get("run_id")
+        run_id, model_id = info.get("run_id"), info.get("model_id")
         if info.get("registered_model") and info.get("version"):
             registered = (str(info["registered_model"]), str(info["version"]))
-    return LoadedModel(model, classes, str(keras_file), _mode_for(classes), classes_from, run_id, registered)
+    settings_file = keras_file.parent / INPUT_SETTINGS_FILE
+    return LoadedModel(
+        model,
+        classes,
+        str(keras_file),
+        _mode_for(classes),
+        classes_from,
+        run_id,
+        registered,
+        settings=_settings_json(settings_file),
+        settings_from=str(settings_file),
+        model_id=model_id,
+    )
 
 
 def _registry_version(uri: str) -> Any:
@@ -156,42 +224,76 @@ def _registry_version(uri: str) -> Any:
 
 
 def _load_mlflow(uri: str, version: Any) -> LoadedModel:
+    """An MLflow model (TensorFlow flavour, or the Keras flavour of older versions), its metadata
+    (classes, input settings) and, for a registry version, its tags and logged model id."""
     import mlflow
 
     try:
-        model = mlflow.keras.load_model(uri)
+        model = mlflow.tensorflow.load_model(uri)
     except Exception as exc:  # missing artifacts, another flavour, corrupt archive: several types
         raise XrdVisionError(f"{uri}: cannot load model ({one_line(exc)[:200]})") from None
+    try:
+        metadata = mlflow.models.get_model_info(uri).metadata or {}
+    except Exception:  # a folder without MLmodel metadata: fall through to the default order
+        metadata = {}
     classes, classes_from, mode = None, "", ""
     if version is not None and (version.tags or {}).get("classes"):
         classes = json.loads(version.tags["classes"])
         classes_from = f"model version tag 'classes' ({version.name} v{version.version})"
         mode = version.tags.get("label_mode", "")
-    if classes is None:
-        try:
-            metadata = mlflow.models.get_model_info(uri).metadata or {}
-        except Exception:  # a folder without MLmodel metadata: fall through to the default order
-            metadata = {}
-        if metadata.get("classes"):
-            classes = list(metadata["classes"])
-            classes_from = "MLflow model metadata 'classes'"
-            mode = metadata.get("label_mode", "")
+    if classes is None and metadata.get("classes"):
+        classes = list(metadata["classes"])
+        classes_from = "MLflow model metadata 'classes'"
+        mode = metadata.get("label_mode", "")
     if classes is None:
         classes, classes_from = _default_classes(int(model.output_shape[-1]), uri)
     run_id = version.run_id if version is not None else None
     m = re.match(r"^runs:/([0-9a-f]+)/", uri)
     if m:
         run_id = m.group(1)
+    model_id = None
+    for source in (getattr(version, "source", None) or "", uri):
+        found = re.match(r"^models:/(m-[0-9a-f]+)$", source)
+        if found:
+            model_id = found.group(1)
+            break
     registered = (str(version.name), str(version.version)) if version is not None else None
-    return LoadedModel(model, classes, uri, mode or _mode_for(classes), classes_from, run_id, registered)
+    settings = metadata.get("preprocessing")
+    return LoadedModel(
+        model,
+        classes,
+        uri,
+        mode or _mode_for(classes),
+        classes_from,
+        run_id,
+        registered,
+        settings=settings if isinstance(settings, dict) else None,
+        settings_from=f"{uri} (MLmodel metadata 'preprocessing')",
+        model_id=model_id,
+    )
 
 
-def load_model(params: Params, model_uri: str | None = None) -> LoadedModel:
+def _store(params: Params | None, uri: str) -> MlflowParams:
+    """Where to look ``uri`` up: params' store, or with no params.yaml ``MLFLOW_TRACKING_URI``."""
+    if params is not None:
+        return params.mlflow
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        raise XrdVisionError(
+            f"{uri}: no params.yaml here and MLFLOW_TRACKING_URI is not set: say which MLflow store holds "
+            "the model (export MLFLOW_TRACKING_URI=sqlite:////path/to/mlruns/mlflow.db) or pass a "
+            "models/ folder"
+        )
+    return MlflowParams()
+
+
+def load_model(params: Params | None, model_uri: str | None = None) -> LoadedModel:
     """Load the classifier named by ``model_uri`` (default: :func:`default_model_uri`).
 
     Accepted: ``models:/<name>@<alias>``, ``models:/<name>/<version>``, ``runs:/<run id>/model``, any
     other MLflow model URI, an MLflow model folder, a folder holding ``model.keras`` (the ``models``
     stage output) or a ``.keras`` file. The class list is checked against the model's outputs.
+    ``params`` None means there is no ``params.yaml``: a registry URI is looked up in
+    ``MLFLOW_TRACKING_URI``, and the model must carry its input settings.
     """
     uri = model_uri or default_model_uri(params)
     local = Path(uri)
@@ -200,7 +302,7 @@ def load_model(params: Params, model_uri: str | None = None) -> LoadedModel:
             raise XrdVisionError(f"{uri}: model not found (a .keras file, a model folder or an MLflow URI)")
         loaded = _load_local(local)
     else:
-        runs.setup(params.mlflow)
+        runs.setup(_store(params, uri))
         loaded = _load_mlflow(uri, _registry_version(uri))
     n_out = int(loaded.model.output_shape[-1])
     if n_out != len(loaded.classes):
@@ -208,7 +310,14 @@ def load_model(params: Params, model_uri: str | None = None) -> LoadedModel:
             f"{uri}: model has {n_out} outputs but its class list ({loaded.classes_from}) has "
             f"{len(loaded.classes)} names"
         )
-    loaded.warnings = settings_mismatch(params, loaded.run_id)
+    if loaded.settings is None:
+        if params is None:
+            raise XrdVisionError(no_settings_error(uri))
+        loaded.warnings = [
+            f"{uri}: the model carries no input settings (trained before they were stored with it); "
+            "inputs are prepared with params.yaml's simulate/render settings",
+            *settings_mismatch(params, loaded.run_id),
+        ]
     return loaded
 
 

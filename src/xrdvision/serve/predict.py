@@ -54,7 +54,7 @@ def _top_k(probs: np.ndarray, classes: list[str], k: int) -> list[tuple[str, flo
 
 def predict_files(
     paths: list[str | Path],
-    params: Params,
+    params: Params | None,
     model_uri: str | None = None,
     top_k: int = 3,
     batch_size: int = 16,
@@ -65,8 +65,12 @@ def predict_files(
 ) -> list[Prediction]:
     """Predict every file; results in input order, a bad file as a :class:`Prediction` with ``error``.
 
+    Inputs are prepared with the settings stored with the model (:meth:`LoadedModel.input_params`);
+    ``params`` (None: there is no ``params.yaml``) only says where the registry is, and is the fallback
+    for an older model that stored none.
+
     ``wavelength`` (Angstrom) applies to measured patterns and overrides their headers; without it a
-    header's wavelength is used, else ``params.measured.wavelength``. ``model`` skips loading (reuse one
+    header's wavelength is used, else the model's ``measured.wavelength``. ``model`` skips loading (reuse one
     :func:`load_model` across calls). Images are classified ``batch_size`` at a time as files are
     prepared, so memory stays flat however many files are given. ``progress`` (a bar on stderr) defaults
     to whether this module logs at INFO, so the CLI's ``--quiet`` hides it.
@@ -77,7 +81,7 @@ def predict_files(
         raise XrdVisionError(f"--top-k: must be >= 1 (got {top_k})")
     show = logger.isEnabledFor(logging.INFO) if progress is None else progress
     lm = model or load_model(params, model_uri)
-    prep = Preparer(params, lm.image_size)
+    prep = Preparer(lm.input_params(params), lm.image_size)
     k = min(top_k, len(lm.classes))
     results: list[Prediction] = []
     pending: list[tuple[int, np.ndarray]] = []
@@ -207,12 +211,21 @@ def to_csv(preds: list[Prediction]) -> str:
     return buf.getvalue()
 
 
-def serving_payload(path: str | Path, params: Params, wavelength: float | None = None) -> dict[str, Any]:
+def serving_payload(
+    path: str | Path,
+    params: Params | None,
+    wavelength: float | None = None,
+    model: LoadedModel | None = None,
+) -> dict[str, Any]:
     """The JSON body for ``mlflow models serve``'s ``/invocations``: ``{"inputs": [image]}``.
 
     The image is the one :func:`predict_files` would classify (CIF simulated and rendered, pattern
     converted and rendered, image as is), as float 0-255 RGB of shape (1, size, size, 3), since the
-    served model carries VGG16's preprocessing itself.
+    served model carries VGG16's preprocessing itself. With ``model`` the input is prepared with the
+    settings stored with it, else with ``params``.
     """
-    prepared = Preparer(params)(path, wavelength)
+    settings = model.input_params(params) if model is not None else params
+    if settings is None:
+        raise XrdVisionError("serving_payload: needs params or a loaded model to prepare the input")
+    prepared = Preparer(settings)(path, wavelength)
     return {"inputs": prepared.image[None].astype(np.float32).tolist()}

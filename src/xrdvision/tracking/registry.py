@@ -6,6 +6,12 @@ Promotion evaluates both versions *now, on the same test split* rather than comp
 each one got when it was evaluated: the split may have changed since, and two numbers measured on
 different test sets say nothing about which model is better.
 
+Test figures measured on different test splits are not comparable, and a model trained with another
+split held out may have trained on this split's test structures: every run and version carries the md5
+of its test split (tag ``test_split_md5``, set by the train and evaluate stages), and promotion refuses
+a challenger and a champion whose splits differ, or differ from the split they would be scored on now,
+unless forced.
+
 Order of work, so that nothing is left half-changed: resolve both aliases, score both models, decide;
 only then move the alias and write the record (tags + description). If writing the record fails, the
 alias is put back. Scoring is the caller's: :func:`promote` takes a ``score(model_uri)`` function
@@ -24,13 +30,32 @@ from xrdvision.config import Params
 from xrdvision.errors import XrdVisionError, one_line
 from xrdvision.tracking import runs
 
-Score = Callable[[str], dict[str, Any]]  # model URI -> test figures, with n_test and test_split_md5
+Score = Callable[[str], dict[str, Any]]  # model URI -> test_* figures, with n_test and test_split_md5
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
-METRICS = ("accuracy", "loss", "macro_f1", "top3_accuracy")
-LOWER_IS_BETTER = frozenset({"loss"})
+# The figures recorded with a decision; ``promote.metric: accuracy`` compares ``test_accuracy``.
+METRICS = ("test_accuracy", "test_loss", "test_macro_f1", "test_top3_accuracy")
+LOWER_IS_BETTER = frozenset({"test_loss"})
 TAG_PREFIX = "promotion."
+
+
+def metric_name(promote_metric: str) -> str:
+    """``params.promote.metric`` (``accuracy``) as the figure it compares (``test_accuracy``)."""
+    return promote_metric if promote_metric.startswith("test_") else f"test_{promote_metric}"
+
+
+def check_same_split(name: str, splits: dict[str, str], current: str | None = None) -> None:
+    """One line if the versions (``{"v3": md5}``) were scored on different test splits, or on another
+    split than ``current`` (the one they would be scored on now)."""
+    seen = {**splits, **({"the test split now": current} if current else {})}
+    if len(set(seen.values())) > 1:
+        which = ", ".join(f"{k} on {v[:8]}" for k, v in seen.items())
+        raise XrdVisionError(
+            f"{name}: challenger and champion were scored on different test splits ({which}): their "
+            "figures are not comparable and one may have trained on the other's test structures; "
+            "retrain on one split or pass --force"
+        )
 
 
 def is_better(challenger: float, champion: float, metric: str) -> bool:
@@ -39,7 +64,7 @@ def is_better(challenger: float, champion: float, metric: str) -> bool:
         return False
     if not np.isfinite(champion):
         return True
-    return challenger < champion if metric in LOWER_IS_BETTER else challenger > champion
+    return challenger < champion if metric_name(metric) in LOWER_IS_BETTER else challenger > champion
 
 
 def decide(
@@ -80,15 +105,17 @@ def registered_versions(client, name: str, uri: str) -> dict[str, str]:
 def promote(params: Params, score: Score, *, force: bool = False) -> dict[str, Any]:
     """Score challenger and champion with ``score``; move ``champion`` if the challenger wins.
 
-    ``score(model_uri)`` returns both versions' figures on the same test split (including ``n_test``
-    and ``test_split_md5``); it is called only after the registry checks passed. No champion yet: the
-    challenger becomes champion. ``force``: it becomes champion regardless. Returns the decision, both
-    sets of figures and ``line`` (the one line the CLI prints).
+    ``score(model_uri)`` returns both versions' ``test_*`` figures on the same test split (including
+    ``n_test`` and ``test_split_md5``); it is called only after the registry checks passed. The figure
+    compared is ``test_<promote.metric>``. Challenger and champion tagged with different test splits
+    (``test_split_md5``), or with another split than the one scored now, are refused unless ``force``.
+    No champion yet: the challenger becomes champion. ``force``: it becomes champion regardless. Returns
+    the decision, both sets of figures and ``line`` (the one line the CLI prints).
     """
     uri = runs.setup(params.mlflow)
     client = _client()
     name = runs.registered_model_name(params.mlflow, params.labels.mode)
-    metric = params.promote.metric
+    metric = metric_name(params.promote.metric)
     aliases = registered_versions(client, name, uri)
     if CHALLENGER not in aliases:
         raise XrdVisionError(
@@ -107,18 +134,28 @@ def promote(params: Params, score: Score, *, force: bool = False) -> dict[str, A
             "n_test": 0,
             "line": line,
         }
+    splits: dict[str, str] = {}
     for v in filter(None, (ch_v, cp_v)):
-        mode = client.get_model_version(name, v).tags.get("label_mode")
+        tags = client.get_model_version(name, v).tags or {}
+        mode = tags.get("label_mode")
         if mode is not None and mode != params.labels.mode:
             raise XrdVisionError(
                 f"models:/{name}/{v}: trained for {mode}, params say labels.mode={params.labels.mode}"
             )
+        if tags.get(runs.TEST_SPLIT_TAG):
+            splits[f"v{v}"] = tags[runs.TEST_SPLIT_TAG]
+    contest = cp_v is not None  # the first champion is compared with nothing
+    if contest and not force:
+        check_same_split(name, splits)
 
     ch_m = score(f"models:/{name}/{ch_v}")
+    if contest and not force:
+        check_same_split(name, splits, ch_m.get("test_split_md5"))
     cp_m = score(f"models:/{name}/{cp_v}") if cp_v is not None else None
     if cp_m is not None and cp_m.get("test_split_md5") != ch_m.get("test_split_md5"):
-        raise XrdVisionError(f"{name}: challenger and champion were scored on different test splits")
+        raise XrdVisionError(f"{name}: challenger and champion were scored now on different test splits")
     decision, move = decide(ch_m, cp_m, metric, force)
+    mixed = contest and len({*splits.values(), ch_m.get("test_split_md5")} - {None}) > 1
     result = {
         **base,
         "decision": decision,
@@ -127,8 +164,9 @@ def promote(params: Params, score: Score, *, force: bool = False) -> dict[str, A
         "champion": cp_m,
         "n_test": int(ch_m["n_test"]),
         "test_split_md5": str(ch_m.get("test_split_md5", "")),
+        "split_mismatch_forced": mixed,
     }
-    result["line"] = decision_line(result)
+    result["line"] = decision_line(result) + ("; test splits differ (--force)" if mixed else "")
     record_decision(client, result)
     return result
 
@@ -165,6 +203,7 @@ def record_decision(client, r: dict[str, Any]) -> None:
         f"{TAG_PREFIX}n_test": str(r["n_test"]),
         f"{TAG_PREFIX}test_split_md5": r["test_split_md5"],
         f"{TAG_PREFIX}champion_version": str(cp_v or ""),
+        **({f"{TAG_PREFIX}split_mismatch_forced": "true"} if r.get("split_mismatch_forced") else {}),
         **{f"{TAG_PREFIX}challenger_{k}": f"{r['challenger'][k]:.6f}" for k in METRICS},
     }
     if r["champion"] is not None:
@@ -204,8 +243,9 @@ def _append_description(client, name: str, version: str, line: str) -> None:
 def list_models(params: Params) -> list[dict[str, Any]]:
     """Registered versions of the label mode's model, newest first, with aliases and test figures.
 
-    Figures come from the tags the evaluate stage writes (``test_accuracy`` ...); a version never
-    evaluated shows None. An unregistered model gives an empty list.
+    Figures come from the tags the evaluate stage writes (``test_accuracy`` ...), ``test_split`` is the
+    first 8 characters of its test split's md5; a version never evaluated shows None. An unregistered
+    model gives an empty list.
     """
     from mlflow.exceptions import MlflowException
 
@@ -233,7 +273,8 @@ def list_models(params: Params) -> list[dict[str, Any]]:
                 "aliases": sorted(by_version.get(str(mv.version), [])),
                 "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(mv.creation_timestamp / 1000)),
                 "run_id": mv.run_id,
-                **{f"test_{k}": _float(tags.get(f"test_{k}")) for k in METRICS},
+                **{k: _float(tags.get(k)) for k in METRICS},
+                "test_split": tags.get(runs.TEST_SPLIT_TAG, "")[:8],
                 "promotion": tags.get(f"{TAG_PREFIX}decision", ""),
             }
         )
@@ -251,6 +292,7 @@ def format_models_table(rows: list[dict[str, Any]]) -> str:
         "test_accuracy",
         "test_loss",
         "test_macro_f1",
+        "test_split",
         "promotion",
         "run_id",
     ]
@@ -263,6 +305,7 @@ def format_models_table(rows: list[dict[str, Any]]) -> str:
                 f"{r[k]:.4f}" if r[k] is not None else "-"
                 for k in ("test_accuracy", "test_loss", "test_macro_f1")
             ),
+            r["test_split"] or "-",
             r["promotion"] or "-",
             (r["run_id"] or "-")[:12],
         ]

@@ -11,12 +11,13 @@ import hashlib
 import json
 import os
 import subprocess
+import warnings
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from xrdvision.config import MlflowParams
+from xrdvision.config import MlflowParams, Params
 from xrdvision.errors import XrdVisionError, one_line
 
 RUN_INFO = "run.json"  # written beside the model: which MLflow run and model version it is
@@ -150,3 +151,122 @@ def read_run_info(path: Path) -> dict[str, Any]:
         raise XrdVisionError(f"{path}: no run info (run `dvc repro train` first)") from None
     except json.JSONDecodeError as exc:
         raise XrdVisionError(f"{path}: corrupt run info ({exc})") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# What a run is called and what it says about itself in the MLflow UI
+# --------------------------------------------------------------------------------------------------
+
+MODEL_KIND = "vgg16"
+NOTE_TAG = "mlflow.note.content"  # the run page's description
+TEST_SPLIT_TAG = "test_split_md5"  # the test split a run (and its model version) was scored on
+# Keys that say where a run is logged or how fast it goes, not what is trained: left out of the hash.
+_NOT_THE_MODEL = ("mlflow.", "tune.", "promote.", "measured.", "simulate.workers", "simulate.timeout_s")
+
+
+def params_digest(params: Params, length: int = 7) -> str:
+    """A short hash of the settings that make the model (data, labels, recipe), as in a run's name."""
+    flat = {k: v for k, v in params.flat().items() if not k.startswith(_NOT_THE_MODEL)}
+    flat.pop("render.workers", None)
+    return hashlib.md5(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
+def short_float(x: float) -> str:
+    """``1.6e-3``, ``1e-4``: a learning rate as it reads best in a run name."""
+    mantissa, exponent = f"{x:.1e}".split("e")
+    return f"{mantissa.removesuffix('.0')}e{int(exponent)}"
+
+
+def data_source(params: Params) -> str:
+    """``embedded``, ``folder-cod`` (the folder's name), ``cod``; ``+synth400`` with synthetic crystals."""
+    src = params.ingest.source
+    if src == "folder":
+        src = f"folder-{Path(params.ingest.folder).name or 'cifs'}"
+    if params.synth.per_system:
+        src += f"+synth{params.synth.per_system}"
+    return src
+
+
+def architecture(params: Params) -> str:
+    """``head128`` (frozen convolutions, Dense 128) or ``conv3-head256`` (3 conv layers trained too)."""
+    head = "head" + "x".join(str(w) for w in params.model.dense)
+    return head if params.model.trainable_conv == 0 else f"conv{params.model.trainable_conv}-{head}"
+
+
+def run_name(params: Params, extra: str = "") -> str:
+    """``vgg16-crystal_system-embedded-head128-lr1.6e-3[-extra]-<hash>``: a list of runs tells them apart."""
+    parts = [MODEL_KIND, params.labels.mode, data_source(params), architecture(params)]
+    parts += [
+        f"lr{short_float(params.train.learning_rate)}",
+        *([extra] if extra else []),
+        params_digest(params),
+    ]
+    return "-".join(parts)
+
+
+def run_note(params: Params, summary: str = "") -> str:
+    """The run's one-line description (``mlflow.note.content``)."""
+    m = params.model
+    frozen = (
+        "all conv layers frozen" if m.trainable_conv == 0 else f"top {m.trainable_conv} conv layers trained"
+    )
+    line = (
+        f"VGG16 {params.labels.mode.replace('_', ' ')} classifier on {data_source(params)} CIFs; "
+        f"Dense {'-'.join(map(str, m.dense))}, dropout {m.dropout:g}, {frozen}; "
+        f"Adam lr {short_float(params.train.learning_rate)}, batch {params.train.batch_size}, "
+        f"up to {params.train.epochs} epochs"
+    )
+    return f"{line}; {summary}" if summary else line
+
+
+def git_sha() -> str | None:
+    """The bare commit id (for MLflow's ``mlflow.source.git.commit``), or None outside git."""
+    commit = git_commit()
+    return None if commit == "unknown" else commit.removesuffix("-dirty")
+
+
+def file_md5(path: Path) -> str:
+    """md5 of a file's bytes: DVC's hash of that file (its cache object's name)."""
+    return hashlib.md5(Path(path).read_bytes()).hexdigest()
+
+
+def split_dataset(path: Path, name: str, mode: str, key: str = "cod_id", unit: str = "structures"):
+    """A split list (``data/split/<split>.csv``) as an MLflow dataset: its rows, the file's md5 as digest,
+    and in the profile the number of structures (distinct ``key``) per class of ``mode``. Any table
+    with ``key`` and ``mode`` columns works (the measured patterns' ``INDEX.csv``: ``key="file"``)."""
+    import pandas as pd
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.pandas_dataset import PandasDataset
+
+    path = Path(path)
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, ValueError) as exc:
+        raise XrdVisionError(f"{path}: cannot read the split list ({one_line(exc)})") from None
+    if mode not in df.columns or key not in df.columns:
+        raise XrdVisionError(f"{path}: table without '{key}' and '{mode}' columns")
+    labelled = df[df[mode] != ""].drop_duplicates(key)
+    per_class = labelled.groupby(mode).size()
+    profile = {
+        "rows": len(df),
+        unit: int(df[key].nunique()),
+        f"{unit}_per_class": {str(k): int(v) for k, v in per_class.items()},
+    }
+
+    class SplitDataset(PandasDataset):
+        @property
+        def profile(self):
+            return {**super().profile, **profile}
+
+    with warnings.catch_warnings():  # a local path matches two equal local sources: MLflow warns
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(str(path))
+    return SplitDataset(df, source=source, targets=mode, name=name, digest=file_md5(path))
+
+
+def dataset_input(dataset, context: str):
+    """The entity ``MlflowClient.log_inputs`` takes: a dataset and its context (training, testing...)."""
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    return DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
