@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from conftest import EMBEDDED_DIR, ROOT
+from xrdvision.data.embedded import ARCHIVE_NAME, read_members, write_archive
 
 BIN = Path(sys.executable).parent
 
@@ -44,10 +45,9 @@ def make_repo(tmp: Path, per_system: int, overrides: dict) -> tuple[Path, dict[s
     for name in ("dvc.yaml", "pyproject.toml"):
         shutil.copy(ROOT / name, repo / name)
     shutil.copytree(ROOT / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    emb = repo / "data" / "embedded"
-    emb.mkdir(parents=True)
-    for cod_id in _pick_cifs(per_system):
-        shutil.copy(EMBEDDED_DIR / f"{cod_id}.cif", emb / f"{cod_id}.cif")
+    names = [f"{cod_id}.cif" for cod_id in _pick_cifs(per_system)]
+    shipped = read_members(EMBEDDED_DIR / ARCHIVE_NAME, names)
+    write_archive(repo / "data" / "embedded" / ARCHIVE_NAME, shipped)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for section, values in overrides.items():
         params[section].update(values)

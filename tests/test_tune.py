@@ -227,14 +227,14 @@ def test_search_space_round_trip_and_validation():
     assert conv_choices(TuneParams(max_trainable_conv=6)) == [0, 3, 6]
     assert conv_choices(TuneParams(max_trainable_conv=4)) == [0, 3]
     base = recipe_of(parse_params({}))
-    assert base == {
-        "model.dense": [256],
-        "model.dropout": 0.3,
-        "model.trainable_conv": 3,
-        "train.learning_rate": 1e-4,
+    assert base == {  # the default recipe: the tuned head-only one
+        "model.dense": [128],
+        "model.dropout": 0.13,
+        "model.trainable_conv": 0,
+        "train.learning_rate": 0.00163,
     }
     tp = trial_from_overrides(base, tune)
-    assert tp == {"learning_rate": 1e-4, "n_dense": 1, "dense_0": 256, "dropout": 0.3, "trainable_conv": 3}
+    assert tp == {"learning_rate": 0.00163, "n_dense": 1, "dense_0": 128, "dropout": 0.13, "trainable_conv": 0}
     assert overrides_from_trial(tp) == base
     two = {**base, "model.dense": [512, 64]}
     assert overrides_from_trial(trial_from_overrides(two, tune)) == two
@@ -244,7 +244,7 @@ def test_search_space_round_trip_and_validation():
     assert trial_from_overrides({**base, "train.learning_rate": 0.5}, tune) is None
 
     p = apply_overrides(parse_params({}), {"model.dense": [128, 64], "train.learning_rate": 0.002})
-    assert p.model.dense == [128, 64] and p.train.learning_rate == 0.002 and p.model.dropout == 0.3
+    assert p.model.dense == [128, 64] and p.train.learning_rate == 0.002 and p.model.dropout == 0.13  # untouched
     with pytest.raises(ConfigError, match=r"model\.dropout"):
         apply_overrides(parse_params({}), {"model.dropout": 1.5})
     assert nest({"model.dropout": 0.2, "train.learning_rate": 0.01}) == {
@@ -269,7 +269,7 @@ def test_apply_best_params_keeps_comments_and_validates(work):
         {
             "model.dense": [512, 64],
             "model.dropout": 0.12,
-            "model.trainable_conv": 0,
+            "model.trainable_conv": 3,
             "train.learning_rate": 0.0007,
         },
         "test",
@@ -278,13 +278,13 @@ def test_apply_best_params_keeps_comments_and_validates(work):
     assert changed == {
         "model.dense": [512, 64],
         "model.dropout": 0.12,
-        "model.trainable_conv": 0,
+        "model.trainable_conv": 3,
         "train.learning_rate": 0.0007,
     }
     text = params_file.read_text()
     assert "# every random choice (sampling, augmentation, split, init) derives from it" in text
     p = load_params(params_file)
-    assert p.model.dense == [512, 64] and p.train.learning_rate == 0.0007 and p.model.trainable_conv == 0
+    assert p.model.dense == [512, 64] and p.train.learning_rate == 0.0007 and p.model.trainable_conv == 3
     assert p.simulate.step == 0.02  # the rest untouched
     # A best-params file that would make params.yaml invalid leaves it as it was.
     best.write_text("model:\n  dropout: 2.0\n")
