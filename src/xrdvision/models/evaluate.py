@@ -1,6 +1,6 @@
 """The ``evaluate`` stage: the saved full model on the test images, the way a user would run it.
 
-The test split is small (~85 structures on the whole shared COD set, ~15 on the embedded sample), so
+The test split is small (~85 structures on the whole shared COD set, ~72 on the embedded default), so
 every accuracy comes with a 95 % bootstrap confidence interval over test structures; a point figure
 alone would overstate what we know. Results go to DVC (``metrics/metrics.json``, ``plots/``) and to the
 MLflow run that trained the model (linked to its logged model and to the test split as a dataset), and
