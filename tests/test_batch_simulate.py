@@ -28,18 +28,19 @@ from xrdvision.crystal.powder import (
 from xrdvision.crystal.powder_input import metric, reduce_cell
 from xrdvision.errors import InputError
 
-# NaCl (ions), corundum, a C2 selenide, a triclinic lead fluoride (anomalous dispersion matters), a
-# pyroxene with several species sharing sites, a Dy-Mn-Cr germanide with a mixed site.
-COD_IDS = ["1000041", "1000017", "1004008", "2103956", "1000035", "1006145"]
+# NaCl (ions), corundum, KYb2F7 (P2: no inversion centre, Yb's f'' breaks Friedel's law), a triclinic
+# lead fluoride, a pyroxene with several species sharing sites, a Dy-Mn-Cr germanide with a mixed site.
+# All in the embedded COD sample, so they run in a clone without ../shared too.
+COD_IDS = ["1000041", "1000017", "1008916", "2103956", "1000035", "1006145"]
 # Line numbers in structures-00: Pd (fcc, 60-degree cell), P (monoclinic), Rb (triclinic setting),
 # K2CuF4 (tetragonal stored with 155-degree angles), In2Si2O7, SrSnO3 (4 species incl. O).
 MP_LINES = {1: "mp-2", 42: "mp-53", 54: "mp-70", 2147: "mp-2865", 2151: "mp-2874", 2154: "mp-2879"}
 
 
 @pytest.fixture(scope="module")
-def mp_records(cod_dir: Path) -> list[dict[str, Any]]:
+def mp_records(mp_dir: Path) -> list[dict[str, Any]]:
     out = []
-    with lzma.open(cod_dir.parent / "mp" / "structures-00.jsonl.xz", "rt", encoding="utf-8") as fh:
+    with lzma.open(mp_dir / "structures-00.jsonl.xz", "rt", encoding="utf-8") as fh:
         for i, line in enumerate(fh):
             if i in MP_LINES:
                 out.append(json.loads(line))
