@@ -234,7 +234,13 @@ def test_search_space_round_trip_and_validation():
         "train.learning_rate": 0.00163,
     }
     tp = trial_from_overrides(base, tune)
-    assert tp == {"learning_rate": 0.00163, "n_dense": 1, "dense_0": 128, "dropout": 0.13, "trainable_conv": 0}
+    assert tp == {
+        "learning_rate": 0.00163,
+        "n_dense": 1,
+        "dense_0": 128,
+        "dropout": 0.13,
+        "trainable_conv": 0,
+    }
     assert overrides_from_trial(tp) == base
     two = {**base, "model.dense": [512, 64]}
     assert overrides_from_trial(trial_from_overrides(two, tune)) == two
@@ -244,7 +250,7 @@ def test_search_space_round_trip_and_validation():
     assert trial_from_overrides({**base, "train.learning_rate": 0.5}, tune) is None
 
     p = apply_overrides(parse_params({}), {"model.dense": [128, 64], "train.learning_rate": 0.002})
-    assert p.model.dense == [128, 64] and p.train.learning_rate == 0.002 and p.model.dropout == 0.13  # untouched
+    assert p.model.dense == [128, 64] and p.train.learning_rate == 0.002 and p.model.dropout == 0.13
     with pytest.raises(ConfigError, match=r"model\.dropout"):
         apply_overrides(parse_params({}), {"model.dropout": 1.5})
     assert nest({"model.dropout": 0.2, "train.learning_rate": 0.01}) == {
