@@ -155,15 +155,10 @@ def linear_head():
 
 
 def peak_features(pat, keep: list[int], n: int = 40) -> np.ndarray:
-    out = []
-    for k in keep:
-        _, amp, d = pat.peaks(k)
-        q = np.sort(1.0 / d[amp > 0.002 * amp.max()] ** 2)
-        r = q / q[0]
-        head = np.pad(r[:n], (0, max(0, n - r.size)))
-        hist = np.histogram(r, bins=np.linspace(1.0, 12.0, 45))[0]
-        out.append(np.concatenate([head, hist, [q[0]]]))
-    return np.asarray(out)
+    """The peak-list peer's features (:mod:`xrdvision.models.peak_peer`) of structures ``keep``."""
+    from xrdvision.models.peak_peer import feature_matrix
+
+    return feature_matrix(((pat.peaks(k)[1], pat.peaks(k)[2]) for k in keep), n)
 
 
 def report(name: str, r: dict[str, float]) -> None:
@@ -182,10 +177,10 @@ def main() -> None:
     a = ap.parse_args()
 
     from sklearn.dummy import DummyClassifier
-    from sklearn.ensemble import ExtraTreesClassifier
 
     from xrdvision.formats.patterns import load_patterns
     from xrdvision.formats.tables import read_table
+    from xrdvision.models.peak_peer import make_peer
     from xrdvision.models.vgg16 import resolve_weights
 
     pat = load_patterns(a.patterns)
@@ -205,7 +200,7 @@ def main() -> None:
         print(f"+ {len(synth_keep)} synthetic crystals from {a.synth}, training folds only")
 
     def trees():
-        return ExtraTreesClassifier(500, min_samples_leaf=2, random_state=0, n_jobs=-1)
+        return make_peer(500, min_samples_leaf=2, random_state=0, n_jobs=-1)
 
     peaks = peak_features(pat, keep)
     results: dict[str, dict] = {
