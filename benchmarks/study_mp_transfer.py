@@ -28,7 +28,6 @@ cached in ``data/cache/study_mp_transfer`` (delete it to start over).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
@@ -47,6 +46,8 @@ CACHE = ROOT / "data" / "cache" / "study_mp_transfer"
 RESULTS = ROOT / "benchmarks" / "results" / "study_mp_transfer.json"
 METRICS = ROOT / "metrics" / "mp_transfer.json"
 REAL_ONLY_CV = ROOT / "benchmarks" / "results" / "study_representation.json"
+# README, "What limits it": the peer by grouped 5-fold CV (2 shuffles) on the 852 COD structures
+REAL_ONLY_CV_ACCURACY = 0.582
 SIZE_NAMES = {1000: "1e3", 10000: "1e4", 100000: "1e5"}
 
 
@@ -59,7 +60,7 @@ def cod_set(args: argparse.Namespace, params: Any) -> Any:
     from xrdvision.data.cod_set import CodSet, build_cod_set
 
     lab = params.labels
-    path = CACHE / f"cod_set_symprec{lab.symprec}_angle{lab.angle_tolerance}.npz"
+    path = args.cache / f"cod_set_symprec{lab.symprec}_angle{lab.angle_tolerance}.npz"
     if path.exists():
         return CodSet.load(path)
     t0 = time.perf_counter()
@@ -74,12 +75,30 @@ def cod_set(args: argparse.Namespace, params: Any) -> Any:
     return cod
 
 
+def cod_subsets(args: argparse.Namespace, cod: Any, params: Any) -> dict[str, np.ndarray]:
+    """Where the scores are taken: all COD, with C and H, the rest, and the default run's test split."""
+    from xrdvision.data.cod_set import pipeline_split
+    from xrdvision.data.embedded import canonical_ids
+
+    canonical = canonical_ids(args.cod / "INDEX.csv", args.cod / "SOURCES.csv")
+    fractions = {"train": params.split.train, "val": params.split.val, "test": params.split.test}
+    split = pipeline_split(cod, canonical, fractions, params.seed)
+    sizes = {s: sum(v == s for v in split.values()) for s in ("train", "val", "test")}
+    log(f"the default run's split of the {len(canonical)} canonical COD structures: {sizes}")
+    return {
+        "all": np.ones(len(cod), bool),
+        "c_and_h": cod.has_c_and_h,
+        "rest": ~cod.has_c_and_h,
+        "default_test_split": np.array([split.get(i) == "test" for i in cod.ids]),
+    }
+
+
 def selection(args: argparse.Namespace, cod: Any) -> tuple[dict[str, Any], dict[str, list[Any]]]:
     """The training sets (catalogue entries by name) and the counts: one pass over the shards, cached."""
     from xrdvision.data.mp_source import Entry, catalogue, mp_shards, sample
     from xrdvision.models.mp_transfer import select
 
-    path = CACHE / f"selection_seed{args.seed}_{'-'.join(map(str, args.sizes))}.json"
+    path = args.cache / f"selection_seed{args.seed}_{'-'.join(map(str, args.sizes))}.json"
     if path.exists():
         saved = json.loads(path.read_text())
         return saved["counts"], {k: [Entry(*e) for e in v] for k, v in saved["sets"].items()}
@@ -120,12 +139,12 @@ def run_peer(args: argparse.Namespace) -> None:
     classes = class_names("crystal_system")
     cod = cod_set(args, params)
     X_cod = feature_matrix((cod.peaks(i)[1], cod.peaks(i)[2]) for i in range(len(cod)))
-    subsets = {"all": np.ones(len(cod), bool), "c_and_h": cod.has_c_and_h, "rest": ~cod.has_c_and_h}
+    subsets = cod_subsets(args, cod, params)
     counts, sets = selection(args, cod)
     sim = params.simulate
     settings = PowderSettings(sim.wavelength, sim.two_theta_min, sim.two_theta_max)
     union = {e.id: e for entries in sets.values() for e in entries}
-    feat_path = CACHE / f"mp_features_seed{args.seed}_{len(union)}.npz"
+    feat_path = args.cache / f"mp_features_seed{args.seed}_{len(union)}.npz"
     if feat_path.exists():
         feats = Featurised.load(feat_path)
     else:
@@ -177,7 +196,8 @@ def run_peer(args: argparse.Namespace) -> None:
         r = result["runs"][name]
         log(
             f"{name:>17}: n={r['n_train']:6d}  COD {pct(r['cod']['all'])}  C&H {pct(r['cod']['c_and_h'])}  "
-            f"rest {pct(r['cod']['rest'])}  (fit {r['fit_seconds']} s)"
+            f"rest {pct(r['cod']['rest'])}  test split {pct(r['cod']['default_test_split'])}  "
+            f"(fit {r['fit_seconds']} s)"
         )
     rng = np.random.default_rng(args.seed + 1)
     largest = feats.rows_of(e.id for e in sets[SIZE_NAMES.get(max(args.sizes), str(max(args.sizes)))])
@@ -189,7 +209,7 @@ def run_peer(args: argparse.Namespace) -> None:
                 fit_and_score(args, feats, rows, X_cod, cod, classes, subsets)["cod"]["all"]["accuracy"]
             )
         result["runs"][SIZE_NAMES.get(n, str(n))]["other_draws_accuracy"] = accs
-    write_outputs(result, metrics_from_peer(result))
+    write_outputs(args, result, metrics_from_peer(result), "peer_list")
 
 
 def pct(m: dict[str, Any]) -> str:
@@ -224,11 +244,12 @@ def fit_and_score(
     )
 
 
-def real_only_cv() -> float | None:
+def real_only_cv() -> float:
+    """The peer's real-only figure: study_representation.py's output if it is here, else the README's."""
     try:
         return json.loads(REAL_ONLY_CV.read_text())["results"]["peaks (extra trees)"]["accuracy"]
     except (OSError, KeyError, ValueError):
-        return None
+        return REAL_ONLY_CV_ACCURACY
 
 
 def metrics_from_peer(result: dict[str, Any]) -> dict[str, Any]:
@@ -251,6 +272,7 @@ def metrics_from_peer(result: dict[str, Any]) -> dict[str, Any]:
             f"peer_cod_balanced_accuracy_{name}": m["all"]["balanced_accuracy"],
             f"peer_cod_c_and_h_accuracy_{name}": m["c_and_h"]["accuracy"],
             f"peer_cod_rest_accuracy_{name}": m["rest"]["accuracy"],
+            f"peer_cod_test_split_accuracy_{name}": m["default_test_split"]["accuracy"],
             f"n_train_{name}": r["n_train"],
             f"fit_seconds_{name}": r["fit_seconds"],
         }
@@ -258,60 +280,40 @@ def metrics_from_peer(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def write_outputs(part: dict[str, Any], metrics: dict[str, Any], key: str = "peer_list") -> None:
+def write_outputs(args: argparse.Namespace, part: dict[str, Any], metrics: dict[str, Any], key: str) -> None:
     """Merge ``part`` under ``key`` into the results file and ``metrics`` into the metrics file."""
-    for path, new in ((RESULTS, {key: part}), (METRICS, metrics)):
+    for path, new in ((args.out, {key: part}), (args.metrics, metrics)):
         old = json.loads(path.read_text()) if path.exists() else {}
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({**old, **new}, indent=1, default=float) + "\n")
-    log(f"wrote {RESULTS.relative_to(ROOT)} and {METRICS.relative_to(ROOT)}")
+    log(f"wrote {args.out} and {args.metrics}")
 
 
 def run_vgg(args: argparse.Namespace) -> None:
     from xrdvision.config import load_params
     from xrdvision.crystal.labels import class_names
-    from xrdvision.crystal.powder import PowderSettings, simulate_batch
-    from xrdvision.data.cod_set import pipeline_split
-    from xrdvision.data.embedded import canonical_ids
-    from xrdvision.data.mp_source import mp_labels, read_lines
-    from xrdvision.models.mp_transfer import score_subsets
+    from xrdvision.crystal.powder import PowderSettings
+    from xrdvision.models.mp_transfer import labelled_peak_lists, score_subsets, train_and_score
     from xrdvision.models.peak_images import fit_head, image_features, vgg_front
-    from xrdvision.models.peak_peer import class_probabilities, feature_matrix, make_peer
+    from xrdvision.models.peak_peer import feature_matrix
     from xrdvision.models.vgg16 import resolve_weights
 
     params = load_params(args.params)
     classes = class_names("crystal_system")
     weights = resolve_weights(args.weights or params.model.weights, allow_download=False)
     cod = cod_set(args, params)
-    canonical = canonical_ids(args.cod / "INDEX.csv", args.cod / "SOURCES.csv")
-    fractions = {"train": params.split.train, "val": params.split.val, "test": params.split.test}
-    split = pipeline_split(cod, canonical, fractions, params.seed)
-    split_sizes = {s: sum(v == s for v in split.values()) for s in ("train", "val", "test")}
-    log(f"default run's split of the {len(canonical)} canonical COD structures: {split_sizes}")
-    subsets = {
-        "all": np.ones(len(cod), bool),
-        "c_and_h": cod.has_c_and_h,
-        "rest": ~cod.has_c_and_h,
-        "default_test_split": np.array([split.get(i) == "test" for i in cod.ids]),
-    }
+    subsets = cod_subsets(args, cod, params)
     counts, sets = selection(args, cod)
-    pool = sets[SIZE_NAMES[10000]]
+    pool = sets[SIZE_NAMES.get(args.pool_size, str(args.pool_size))]
     order = np.random.default_rng(args.seed).permutation(len(pool))[: args.max_mp]
-    by_shard: dict[str, list[int]] = {}
-    for k in order:
-        by_shard.setdefault(pool[k].shard, []).append(pool[k].line)
-    records = {r["id"]: r for s, lines in by_shard.items() for r in read_lines(args.mp / s, lines)}
-    ordered = [records[pool[k].id] for k in order if pool[k].id in records]
     sim = params.simulate
-    batch = simulate_batch(ordered, PowderSettings(sim.wavelength, sim.two_theta_min, sim.two_theta_max))
-    good = [i for i in range(len(ordered)) if i not in batch.errors]
-    labels = {}
-    for i in good:
-        with contextlib.suppress(ValueError):  # spglib found nothing: not used
-            labels[i] = mp_labels(ordered[i], params.labels.symprec, params.labels.angle_tolerance)[1]
-    good = [i for i in good if i in labels]
+    settings = PowderSettings(sim.wavelength, sim.two_theta_min, sim.two_theta_max)
+    lab = params.labels
+    _, lists, labels, bad = labelled_peak_lists(
+        args.mp, [pool[k] for k in order], settings, lab.symprec, lab.angle_tolerance
+    )
     front = vgg_front(params, weights)
-    cod_path = CACHE / "cod_vgg_features.npy"
+    cod_path = args.cache / "cod_vgg_features.npy"
     t0 = time.perf_counter()
     if cod_path.exists():
         cod_feats = np.load(cod_path)
@@ -326,10 +328,10 @@ def run_vgg(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
 
     def within_budget():
-        for i in good:
+        for p in lists:
             if time.perf_counter() - t0 > args.budget_s:
                 return
-            yield batch.peaks(i).two_theta, batch.peaks(i).intensity
+            yield p.two_theta, p.intensity
 
     def progress(n: int, seconds: float) -> None:
         if n % 320 == 0:
@@ -337,27 +339,35 @@ def run_vgg(args: argparse.Namespace) -> None:
 
     mp_feats = image_features(front, within_budget(), params, progress=progress)
     mp_seconds = time.perf_counter() - t0
-    used = good[: len(mp_feats)]
-    y = np.array([labels[i] for i in used])
-    is_val = np.arange(len(used)) % args.val_every == 0
-    log(f"MP: {len(used)} images through VGG16 in {mp_seconds:.0f} s ({len(used) / mp_seconds:.1f}/s)")
+    n = len(mp_feats)
+    y = labels[:n]
+    is_val = np.arange(n) % args.val_every == 0
+    log(f"MP: {n} images through VGG16 in {mp_seconds:.0f} s ({n / mp_seconds:.1f}/s)")
     t0 = time.perf_counter()
     tail, info = fit_head(params, (mp_feats[~is_val], y[~is_val]), (mp_feats[is_val], y[is_val]), weights)
     fit_seconds = time.perf_counter() - t0
     probs = np.asarray(tail.predict(cod_feats, batch_size=64, verbose=0))
     head = score_subsets(probs, cod.crystal_system, classes, subsets, params.seed)
     # the peak-list peer on exactly the same training structures, for a same-data comparison
-    X_mp = feature_matrix((batch.peaks(i).intensity, batch.peaks(i).d) for i in used)
+    X_mp = feature_matrix((p.intensity, p.d) for p in lists[:n])
     X_cod = feature_matrix((cod.peaks(i)[1], cod.peaks(i)[2]) for i in range(len(cod)))
-    peer = make_peer(200, n_jobs=args.workers).fit(X_mp[~is_val], y[~is_val])
-    peer_scores = score_subsets(
-        class_probabilities(peer, X_cod, classes), cod.crystal_system, classes, subsets, params.seed
+    same = train_and_score(
+        X_mp[~is_val],
+        y[~is_val],
+        X_cod,
+        cod.crystal_system,
+        classes,
+        subsets,
+        params.seed,
+        n_estimators=200,
+        n_jobs=args.workers,
     )
+    peer_scores = same["cod"]
     part = {
         "n_mp_train": int((~is_val).sum()),
         "n_mp_val": int(is_val.sum()),
         "mp_vgg_seconds": round(mp_seconds, 1),
-        "mp_images_per_s": round(len(used) / mp_seconds, 2),
+        "mp_images_per_s": round(n / mp_seconds, 2),
         "budget_s": args.budget_s,
         "cod_vgg_seconds": round(cod_seconds, 1),
         "head_fit_seconds": round(fit_seconds, 1),
@@ -369,10 +379,9 @@ def run_vgg(args: argparse.Namespace) -> None:
             "best_epoch": info["best_epoch"],
             "val_accuracy": info["val_accuracy"],
         },
-        "default_split_sizes": split_sizes,
         "cod": head,
         "peer_same_structures_cod": peer_scores,
-        "mp_simulate_errors": len(batch.errors),
+        "mp_errors": len(bad),
         "mp_counts": counts,
     }
     for name in ("all", "c_and_h", "rest", "default_test_split"):
@@ -394,7 +403,7 @@ def run_vgg(args: argparse.Namespace) -> None:
         "vgg_n_cod_test_split": t["n_test"],
         "vgg_mp_seconds": part["mp_vgg_seconds"],
     }
-    write_outputs(part, metrics, key="vgg16_head")
+    write_outputs(args, part, metrics, "vgg16_head")
 
 
 def main() -> None:
@@ -408,6 +417,9 @@ def main() -> None:
         p.add_argument("--seed", type=int, default=42)
         p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
         p.add_argument("--workers", type=int, default=2, help="processes for simulation and labels")
+        p.add_argument("--cache", type=Path, default=CACHE)
+        p.add_argument("--out", type=Path, default=RESULTS)
+        p.add_argument("--metrics", type=Path, default=METRICS)
     peer, vgg = sub.choices["peer"], sub.choices["vgg"]
     peer.add_argument("--trees", type=int, default=200)
     peer.add_argument("--min-leaf", type=int, default=2)
@@ -417,6 +429,7 @@ def main() -> None:
     peer.add_argument("--chunk", type=int, default=500, help="structures per worker task")
     vgg.add_argument("--budget-s", type=float, default=1200, help="VGG16 seconds for the MP images")
     vgg.add_argument("--max-mp", type=int, default=10000)
+    vgg.add_argument("--pool-size", type=int, default=10000, help="the --sizes sample the images come from")
     vgg.add_argument("--val-every", type=int, default=10, help="every k-th MP structure validates")
     vgg.add_argument("--weights", default="")
     a = ap.parse_args()

@@ -277,3 +277,20 @@ def _reduced(formula: str) -> str:
     from pymatgen.core import Composition
 
     return Composition(formula).reduced_formula
+
+
+def test_labelled_peak_lists_keep_the_order_given(tmp_path: Path) -> None:
+    from xrdvision.models.mp_transfer import labelled_peak_lists
+
+    flat = {**NACL, "id": "mp-flat", "cell": [5.0, 5.0, 5.0, 90.0, 90.0, 180.0]}
+    write_shard(tmp_path / "structures-00.jsonl.xz", [NACL, flat, RUTILE])
+    entries = {e.id: e for e in catalogue(mp_shards(tmp_path))}
+    ids, lists, labels, bad = labelled_peak_lists(
+        tmp_path, [entries[i] for i in ("mp-2657", "mp-flat", "mp-22862")], PowderSettings()
+    )
+    assert (
+        ids == ["mp-2657", "mp-22862"]
+        and labels.tolist() == ["tetragonal", "cubic"]
+        and list(bad) == ["mp-flat"]
+    )
+    assert np.array_equal(lists[1].two_theta, simulate_batch([NACL]).peaks(0).two_theta)

@@ -258,6 +258,9 @@ def train_and_score(
     t0 = time.perf_counter()
     model.fit(X, y)
     fit_s = time.perf_counter() - t0
+    # One thread to predict: threads add the trees' votes in completion order, and in a forest of a
+    # few hundred trees two classes can tie, so the rounding would decide a few structures at random.
+    model.set_params(n_jobs=1)
     t0 = time.perf_counter()
     probs = class_probabilities(model, X_test, classes)
     return {
@@ -267,3 +270,38 @@ def train_and_score(
         "predict_seconds": round(time.perf_counter() - t0, 1),
         "cod": score_subsets(probs, truth, classes, subsets, seed),
     }
+
+
+def labelled_peak_lists(
+    folder: str | Path,
+    entries: Sequence[Entry],
+    settings: PowderSettings,
+    symprec: float = 0.01,
+    angle_tolerance: float = 5.0,
+) -> tuple[list[str], list[Any], np.ndarray, dict[str, str]]:
+    """``(ids, peak lists, own crystal systems, errors)`` of ``entries``, in the order given (for the
+    image model, which needs the lines themselves, not the peer's features); in this process."""
+    by_shard: dict[str, list[int]] = {}
+    for e in entries:
+        by_shard.setdefault(e.shard, []).append(e.line)
+    errors: list[str] = []
+    records = {
+        r["id"]: r for s, lines in by_shard.items() for r in read_lines(Path(folder) / s, lines, errors)
+    }
+    ordered = [records[e.id] for e in entries if e.id in records]
+    batch = simulate_batch(ordered, settings, source="mp")
+    bad = {batch.ids[i]: msg for i, msg in batch.errors.items()} | {
+        f"read#{k}": m for k, m in enumerate(errors)
+    }
+    ids, lists, labels = [], [], []
+    for i, rec in enumerate(ordered):
+        if i in batch.errors:
+            continue
+        try:
+            labels.append(own_labels(rec, symprec, angle_tolerance)[1])
+        except ValueError as exc:
+            bad[rec["id"]] = f"mp:{rec['id']}: labels: {exc}"
+            continue
+        ids.append(rec["id"])
+        lists.append(batch.peaks(i))
+    return ids, lists, np.array(labels, dtype=str), bad
