@@ -30,6 +30,17 @@ def test_shipped_params_are_the_documented_defaults():
         ({"simulate": {"wavelength": -1.5}}, "simulate.wavelength: must be > 0"),
         ({"simulate": {"two_theta_min": 90, "two_theta_max": 10}}, "two_theta_min < two_theta_max"),
         ({"split": {"train": 0.8}}, "must sum to 1 (they sum to 1.1)"),
+        (
+            {"split": {"train_sources": ["cod", "icsd"]}},
+            "split.train_sources.1: 'icsd' is not one of cod, mp",
+        ),
+        ({"split": {"train_sources": []}}, "split.train_sources: need one or both of cod, mp, each once"),
+        (
+            {"mp": {"scheduler": "dask-head:8786"}},
+            "mp.scheduler: 'dask-head:8786' is neither local nor a Dask",
+        ),
+        ({"mp": {"max_structures": -1}}, "mp.max_structures: must be >= 0"),
+        ({"mp": {"max_structure": 10}}, "mp.max_structure: unknown key (did you mean mp.max_structures?)"),
         ({"seed": "42"}, "seed: expected an integer"),
         ({"train": {"epochs": 2.5}}, "train.epochs: expected an integer"),
         ({"simulate": {"kalpha2": "yes"}}, "simulate.kalpha2: expected true/false"),

@@ -90,6 +90,13 @@ def cmd_synthesize(p: Params, a: argparse.Namespace) -> None:
     )
 
 
+def cmd_peaklists(p: Params, a: argparse.Namespace) -> None:
+    from xrdvision.data.peaklists import run_peaklists, summary_line
+
+    s = run_peaklists(p, Path(a.split), Path(a.manifest), Path(a.out))
+    print(f"{summary_line(s)} -> {a.out}")
+
+
 def cmd_features(p: Params, a: argparse.Namespace) -> None:
     from xrdvision.models.features import run_features
 
@@ -254,6 +261,15 @@ def build_parser() -> argparse.ArgumentParser:
         split="data/split",
         manifest="data/patterns/manifest.csv",
         out="data/synth",
+    )
+    add(
+        "peaklists",
+        cmd_peaklists,
+        "Materials Project structures (mp.folder) as labelled peak-list shards for training, without the "
+        "compounds of COD's validation and test splits; on a Dask cluster with mp.scheduler (resumable).",
+        split="data/split",
+        manifest="data/patterns/manifest.csv",
+        out="data/peaklists",
     )
     add(
         "features",

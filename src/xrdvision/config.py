@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -147,16 +148,43 @@ class RenderParams:
 
 @_section
 class SplitParams:
-    """Grouped, stratified train/validation/test split."""
+    """Grouped, stratified train/validation/test split of COD; ``train_sources``: what training draws on
+    (COD's training split, Materials Project structures, or both; COD keeps validation and test)."""
 
     train: Num = Field(0.7, gt=0, lt=1)
     val: Num = Field(0.2, gt=0, lt=1)
     test: Num = Field(0.1, gt=0, lt=1)
+    train_sources: list[Literal["cod", "mp"]] = Field(default_factory=lambda: ["cod"])
 
     @model_validator(mode="after")
     def _rules(self) -> SplitParams:
         total = self.train + self.val + self.test
         _rule(abs(total - 1) < 1e-6, "train/val/test", f"must sum to 1 (they sum to {total:g})")
+        ok = 0 < len(self.train_sources) == len(set(self.train_sources))
+        _rule(ok, "train_sources", "need one or both of cod, mp, each once")
+        return self
+
+
+_SCHEDULER = re.compile(r"(tcp|tls)://[^\s/:]+:\d{1,5}")
+
+
+@_section
+class MpParams:
+    """Materials Project structures as training peak lists (the ``peaklists`` stage); read only when
+    ``split.train_sources`` has ``mp``."""
+
+    folder: Str = "../shared/mp"  # the structures-NN.jsonl.xz shards
+    max_structures: Int = Field(0, ge=0)  # a seeded sample after the filters and the leakage drop; 0 = all
+    icsd_only: Bool = False  # only entries linked to an experimentally observed ICSD structure
+    max_sites: Int = Field(0, ge=0)  # leave out cells with more atoms; 0 = no limit
+    shard_size: Int = Field(2500, ge=1, le=100000)  # structures per output shard: unit of resume, of a task
+    scheduler: Str = "local"  # local, or a Dask scheduler address tcp://host:8786
+    workers: Int = Field(2, ge=1)  # processes when scheduler is local
+
+    @model_validator(mode="after")
+    def _rules(self) -> MpParams:
+        ok = self.scheduler == "local" or _SCHEDULER.fullmatch(self.scheduler) is not None
+        _rule(ok, "scheduler", f"{self.scheduler!r} is neither local nor a Dask address like tcp://host:8786")
         return self
 
 
@@ -255,6 +283,7 @@ class Params:
     render: RenderParams = Field(default_factory=RenderParams)
     split: SplitParams = Field(default_factory=SplitParams)
     synth: SynthParams = Field(default_factory=SynthParams)
+    mp: MpParams = Field(default_factory=MpParams)
     model: ModelParams = Field(default_factory=ModelParams)
     train: TrainParams = Field(default_factory=TrainParams)
     mlflow: MlflowParams = Field(default_factory=MlflowParams)
@@ -324,7 +353,13 @@ def _message(err: dict[str, Any]) -> str:
     elif kind in _EXPECTED_MAPPING:
         reason = f"expected {_EXPECTED_MAPPING[kind]}, got {type(value).__name__}"
     elif kind == "literal_error":
-        reason = f"{value!r} is not one of {', '.join(typing.get_args(_field_at(loc).annotation))}"
+        info = _field_at(loc)
+        if info is None:  # an item of a list of choices (split.train_sources.1)
+            info = _field_at(loc[:-1])
+            choices = typing.get_args(typing.get_args(info.annotation)[0]) if info is not None else ()
+        else:
+            choices = typing.get_args(info.annotation)
+        reason = f"{value!r} is not one of {', '.join(map(str, choices))}"
     elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         reason = _bounds(_field_at(loc), err.get("ctx", {}))
     else:

@@ -13,7 +13,6 @@ Why stratified: crystal systems are unbalanced (cubic 201 vs hexagonal 77 here);
 from __future__ import annotations
 
 import csv
-import dataclasses
 import zlib
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
@@ -212,7 +211,8 @@ def run_split(params: Params, manifest_path: Path, image_index_path: Path, out_d
         "method": METHOD,
         "params": {
             "seed": params.seed,
-            "split": dataclasses.asdict(params.split),
+            # the fractions only: train_sources does not change COD's split (and its bytes stay the same)
+            "split": {k: getattr(params.split, k) for k in ("train", "val", "test")},
             "labels.mode": params.labels.mode,
             "stratified_by": "crystal_system",
         },

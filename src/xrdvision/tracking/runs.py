@@ -162,6 +162,7 @@ NOTE_TAG = "mlflow.note.content"  # the run page's description
 TEST_SPLIT_TAG = "test_split_md5"  # the test split a run (and its model version) was scored on
 # Keys that say where a run is logged or how fast it goes, not what is trained: left out of the hash.
 _NOT_THE_MODEL = ("mlflow.", "tune.", "promote.", "measured.", "simulate.workers", "simulate.timeout_s")
+_NOT_THE_MODEL += ("mp.scheduler", "mp.workers")
 
 
 def params_digest(params: Params, length: int = 7) -> str:
