@@ -65,12 +65,17 @@ def files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
-@pytest.fixture
-def one_shard(mp_dir: Path, tmp_path: Path) -> Path:
-    """A shard folder holding structures-00 of ../shared/mp (10 000 structures) only."""
-    folder = tmp_path / "mp"
-    folder.mkdir()
-    (folder / "structures-00.jsonl.xz").symlink_to(mp_dir / "structures-00.jsonl.xz")
+N_LINES = 2000
+
+
+@pytest.fixture(scope="module")
+def one_shard(mp_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A shard folder holding the first 2000 structures of ../shared/mp's structures-00, as a shard."""
+    folder = tmp_path_factory.mktemp("mp")
+    with lzma.open(mp_dir / "structures-00.jsonl.xz", "rt", encoding="utf-8") as fh:
+        lines = [line for _, line in zip(range(N_LINES), fh, strict=False)]
+    with lzma.open(folder / "structures-00.jsonl.xz", "wt", encoding="utf-8", preset=0) as out:
+        out.write("".join(lines))
     return folder
 
 
@@ -102,7 +107,7 @@ def test_leakage_labels_and_same_bytes_twice(one_shard: Path, tmp_path: Path) ->
         "mp-00002.npz",
         "mp-00003.npz",
     ]
-    assert s["n_records_read"] == 10000 and s["n_selected"] == 150
+    assert s["n_records_read"] == N_LINES and s["n_selected"] == 150
     assert s["n_structures"] + s["n_failed"] == 150
     # Cs and Pd (COD validation and test) are dropped; Re (COD training) is not.
     leak = s["leakage"]
@@ -147,7 +152,7 @@ from pathlib import Path
 from xrdvision.config import parse_params
 from xrdvision.data.peaklists import run_peaklists
 p = parse_params({"split": {"train_sources": ["cod", "mp"]},
-                  "mp": {"folder": sys.argv[1], "max_structures": 600, "shard_size": 20, "workers": 1}})
+                  "mp": {"folder": sys.argv[1], "max_structures": 300, "shard_size": 10, "workers": 1}})
 run_peaklists(p, Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
 """
 
@@ -169,7 +174,7 @@ def test_kill_9_leaves_whole_shards_and_the_rerun_resumes(
     assert 3 <= len(written) < 30, "the run should have been killed part way"
     for path in written:
         read_shard(path)  # every shard on disk is whole
-    p = params(one_shard, max_structures=600, shard_size=20)
+    p = params(one_shard, max_structures=300, shard_size=10)
     with caplog.at_level(logging.INFO, logger="xrdvision"):
         s = run_peaklists(p, split, manifest, out)
     assert f"resuming: {len(written)} of 30 shards already done" in caplog.text
