@@ -117,7 +117,7 @@ class SimulateParams:
 class AugmentParams:
     """The seed's augmentation, applied to the 1-D peak list before rendering."""
 
-    copies: Int = Field(2, ge=0)  # augmented copies per structure, besides the original
+    copies: Int = Field(1, ge=0)  # augmented copies per structure, besides the original
     intensity_jitter: Num = Field(0.15, ge=0)  # relative sd of each peak's area (log-normal)
     steps: list[Num] = Field(default_factory=lambda: [0.01, 0.02, 0.04])
     zero_shift: Num = Field(0.1, ge=0)  # max |zero offset|, degrees 2-theta
