@@ -11,6 +11,7 @@ import json
 import logging
 import lzma
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import pytest
 
 from xrdvision.cli import main
 from xrdvision.config import Params, parse_params
+from xrdvision.data import peaklists
 from xrdvision.data.peaklists import run_peaklists
 from xrdvision.errors import InputError
 from xrdvision.formats.peaklists import PeakListShard, read_shard, shard_bytes, write_shard_bytes
@@ -133,7 +135,9 @@ def test_leakage_labels_and_same_bytes_twice(one_shard: Path, tmp_path: Path) ->
 
 
 @pytest.mark.needs_shared("mp")
-def test_a_changed_plan_rebuilds_only_what_changed(one_shard: Path, tmp_path: Path, caplog: Any) -> None:
+def test_a_changed_plan_rebuilds_only_what_changed(
+    one_shard: Path, tmp_path: Path, caplog: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     run(params(one_shard, max_structures=120, shard_size=40), tmp_path, "a")
     run(params(one_shard, max_structures=80, shard_size=40), tmp_path, "b")
     run(params(one_shard, max_structures=80, shard_size=40), tmp_path, "a")
@@ -143,6 +147,12 @@ def test_a_changed_plan_rebuilds_only_what_changed(one_shard: Path, tmp_path: Pa
     with caplog.at_level(logging.INFO, logger="xrdvision"):
         run(params(one_shard, max_structures=80, shard_size=40), tmp_path, "a")
     assert "resuming: 2 of 2 shards already done" in caplog.text
+    # Other code (a fix in the simulator, say) makes other shards: none is kept.
+    monkeypatch.setattr(peaklists, "code_digest", lambda: "other code")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="xrdvision"):
+        run(params(one_shard, max_structures=80, shard_size=40), tmp_path, "a")
+    assert "resuming" not in caplog.text and "2 shards (80 structures) to build" in caplog.text
 
 
 _KILLED_RUN = """
@@ -150,10 +160,11 @@ import logging, sys
 logging.basicConfig(level=logging.INFO)
 from pathlib import Path
 from xrdvision.config import parse_params
+from xrdvision.data import peaklists
 from xrdvision.data.peaklists import run_peaklists
 p = parse_params({"split": {"train_sources": ["cod", "mp"]},
                   "mp": {"folder": sys.argv[1], "max_structures": 300, "shard_size": 10, "workers": 1}})
-run_peaklists(p, Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
+run_peaklists(p, Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), Path(sys.argv[5]))
 """
 
 
@@ -161,24 +172,27 @@ run_peaklists(p, Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
 def test_kill_9_leaves_whole_shards_and_the_rerun_resumes(
     one_shard: Path, tmp_path: Path, caplog: Any
 ) -> None:
+    """Shards are built in a work folder outside the DVC output (``dvc exp run`` clears an output its lock
+    does not know): a killed run leaves whole shards there, and the rerun builds only the others."""
     split, manifest = cod_split(tmp_path)
-    out = tmp_path / "killed"
-    args = [sys.executable, "-c", _KILLED_RUN, str(one_shard), str(split), str(manifest), str(out)]
+    out, work = tmp_path / "killed", tmp_path / "cache" / "peaklists"
+    args = [sys.executable, "-c", _KILLED_RUN, str(one_shard), str(split), str(manifest), str(out), str(work)]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(list(out.glob("mp-*.npz"))) < 3:
+    while time.monotonic() < deadline and len(list(work.glob("mp-*.npz"))) < 3:
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    written = sorted(out.glob("mp-*.npz"))
+    written = sorted(work.glob("mp-*.npz"))
     assert 3 <= len(written) < 30, "the run should have been killed part way"
     for path in written:
         read_shard(path)  # every shard on disk is whole
+    shutil.rmtree(out, ignore_errors=True)  # as dvc exp run does before it reruns the stage
     p = params(one_shard, max_structures=300, shard_size=10)
     with caplog.at_level(logging.INFO, logger="xrdvision"):
-        s = run_peaklists(p, split, manifest, out)
+        s = run_peaklists(p, split, manifest, out, work)
     assert f"resuming: {len(written)} of 30 shards already done" in caplog.text
-    assert not list(out.glob(".*.tmp"))
+    assert not work.exists() and not list(out.glob(".*.tmp"))
     clean = run_peaklists(p, split, manifest, tmp_path / "clean")
     assert s == clean and files(out) == files(tmp_path / "clean")
 

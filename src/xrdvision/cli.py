@@ -91,9 +91,10 @@ def cmd_synthesize(p: Params, a: argparse.Namespace) -> None:
 
 
 def cmd_peaklists(p: Params, a: argparse.Namespace) -> None:
-    from xrdvision.data.peaklists import run_peaklists, summary_line
+    from xrdvision.data.peaklists import run_peaklists
+    from xrdvision.data.peaklists_report import summary_line
 
-    s = run_peaklists(p, Path(a.split), Path(a.manifest), Path(a.out))
+    s = run_peaklists(p, Path(a.split), Path(a.manifest), Path(a.out), Path(a.work))
     print(f"{summary_line(s)} -> {a.out}")
 
 
@@ -270,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
         split="data/split",
         manifest="data/patterns/manifest.csv",
         out="data/peaklists",
+        work="data/cache/peaklists",
     )
     add(
         "features",

@@ -26,11 +26,13 @@ or scheduler, so the same params give the same bytes whether run locally or on a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib
 import json
 import logging
+import os
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,15 +41,14 @@ import numpy as np
 
 from xrdvision.config import Params
 from xrdvision.crystal.powder import PowderSettings, simulate_batch
-from xrdvision.crystal.systems import CRYSTAL_SYSTEMS
 from xrdvision.data.mp_source import Entry, catalogue, eligible, mp_labels, mp_shards, read_lines, sample
+from xrdvision.data.peaklists_report import MANIFEST_COLUMNS, summarise
 from xrdvision.data.shard_runner import run_tasks
 from xrdvision.errors import InputError, XrdVisionError
 from xrdvision.formats.atomic import file_digest, write_json
 from xrdvision.formats.peaklists import (
     SHARD_PATTERN,
     PeakListShard,
-    read_shard,
     shard_bytes,
     shard_plan,
     write_shard_bytes,
@@ -58,20 +59,6 @@ log = logging.getLogger(__name__)
 
 SOURCE = "mp"
 FORMAT_VERSION = 1  # part of every plan: a change of what a shard holds invalidates old shards
-MANIFEST_COLUMNS = (
-    "id",
-    "shard",
-    "source",
-    "reduced_formula",
-    "crystal_system",
-    "space_group",
-    "source_space_group",
-    "icsd",
-    "n_peaks",
-    "status",
-    "reason",
-)
-_KEEP_LINES = 50  # error lines quoted in summary.json (all are in manifest.csv / the log)
 
 
 @dataclass(frozen=True)
@@ -119,11 +106,38 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
+# The modules whose code decides what a shard holds: a change to any of them invalidates every shard (DVC
+# reruns the stage for it; without this the rerun would keep shards that the old code wrote).
+_CONTENT_CODE = (
+    "xrdvision.crystal.bragg",
+    "xrdvision.crystal.form_factors",
+    "xrdvision.crystal.powder",
+    "xrdvision.crystal.powder_input",
+    "xrdvision.data.mp_source",
+    "xrdvision.data.peaklists",
+    "xrdvision.formats.peaklists",
+)
+
+
+def code_digest() -> str:
+    """sha256 of the source of :data:`_CONTENT_CODE` and of the numpy, spglib, xrayutilities versions."""
+    import spglib
+    import xrayutilities
+
+    h = hashlib.sha256()
+    for name in _CONTENT_CODE:
+        h.update(name.encode())
+        h.update(Path(str(importlib.import_module(name).__file__)).read_bytes())
+    h.update(f"numpy {np.__version__} spglib {spglib.__version__} xu {xrayutilities.__version__}".encode())
+    return h.hexdigest()
+
+
 def plan_tasks(params: Params, selected: list[Entry], shard_dir: Path) -> list[ShardTask]:
     """The output shards of a selection (in shard and line order), ``mp.shard_size`` at a time."""
     settings = powder_settings(params)
     physics = {
         "format": FORMAT_VERSION,
+        "code": code_digest(),
         "wavelength": settings.wavelength,
         "two_theta": [settings.two_theta_min, settings.two_theta_max],
         "symprec": params.labels.symprec,
@@ -215,9 +229,18 @@ def _params_used(params: Params) -> dict[str, Any]:
     }
 
 
-def run_peaklists(params: Params, split_dir: Path, manifest_path: Path, out_dir: Path) -> dict[str, Any]:
-    """Write ``out_dir/{mp-NNNNN.npz, manifest.csv, leakage.csv, summary.json}``; returns the summary."""
+def run_peaklists(
+    params: Params, split_dir: Path, manifest_path: Path, out_dir: Path, work_dir: Path | None = None
+) -> dict[str, Any]:
+    """Write ``out_dir/{mp-NNNNN.npz, manifest.csv, leakage.csv, summary.json}``; returns the summary.
+
+    Shards are built in ``work_dir`` (default: ``out_dir`` itself) and moved into ``out_dir`` once all
+    are there. The CLI's ``data/cache/peaklists`` lies outside the DVC output, because ``dvc exp run``
+    clears an output that its lock file does not know yet: the finished shards of an interrupted
+    experiment survive there, and the rerun picks them up.
+    """
     split_dir, manifest_path, out_dir = Path(split_dir), Path(manifest_path), Path(out_dir)
+    work_dir = Path(work_dir) if work_dir is not None else out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     base: dict[str, Any] = {"source": SOURCE, "format": FORMAT_VERSION, "params": _params_used(params)}
     if SOURCE not in params.split.train_sources:
@@ -258,23 +281,37 @@ def run_peaklists(params: Params, split_dir: Path, manifest_path: Path, out_dir:
     )
     tasks = plan_tasks(params, selected, Path(params.mp.folder))
     files = {t.name: out_dir / f"{t.name}.npz" for t in tasks}
-    _clean(out_dir, {p.name for p in files.values()})
-    todo = [t for t in tasks if shard_plan(files[t.name]) != t.plan]
+    built = {t.name: work_dir / f"{t.name}.npz" for t in tasks}
+    names = {p.name for p in files.values()}
+    _clean(out_dir, names)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    _clean(work_dir, names)
+    todo = [t for t in tasks if t.plan not in (shard_plan(files[t.name]), shard_plan(built[t.name]))]
     if len(todo) < len(tasks):
         log.info("peaklists: resuming: %d of %d shards already done", len(tasks) - len(todo), len(tasks))
-    _run(params, todo, files, len(tasks))
+    _run(params, todo, built, len(tasks))
+    if work_dir != out_dir:
+        for t in tasks:
+            if built[t.name].exists() and shard_plan(built[t.name]) == t.plan:
+                os.replace(built[t.name], files[t.name])  # same file system: an atomic rename
+        with contextlib.suppress(OSError):
+            work_dir.rmdir()  # empty now; left alone if anything else is in it
 
     write_table(
         out_dir / "leakage.csv", ("id", "reduced_formula"), [(e.id, e.reduced_formula) for e in dropped]
     )
-    leakage = {
-        **reference,
-        "n_mp_dropped": len(dropped),
-        "n_mp_formulas_dropped": len({e.reduced_formula for e in dropped}),
+    counts = {
+        "n_records_read": len(entries),
+        "filtered_out": {"icsd_only": not_icsd, "max_sites": too_big},
+        "leakage": {
+            **reference,
+            "n_mp_dropped": len(dropped),
+            "n_mp_formulas_dropped": len({e.reduced_formula for e in dropped}),
+        },
+        "n_selected": len(selected),
+        "plan": _digest([t.plan for t in tasks]),
     }
-    summary = _summarise(
-        base, tasks, files, out_dir, read_errors, leakage, len(entries), not_icsd, too_big, m
-    )
+    summary = summarise(out_dir, [files[t.name] for t in tasks], base, counts, read_errors)
     write_json(out_dir / "summary.json", summary)
     return summary
 
@@ -325,94 +362,3 @@ def _run(params: Params, todo: list[ShardTask], files: dict[str, Path], n_tasks:
             f"peaklists: {len(failures)} of {len(todo)} shards failed ({failures[0]}); the others are "
             "written and a rerun builds only the missing ones"
         )
-
-
-def _reason_kind(line: str) -> str:
-    """``structures-03.jsonl.xz:mp-1: overlapping atoms: ...`` -> ``overlapping atoms``."""
-    reason = line.split(": ", 1)[1] if ": " in line else line
-    return reason.split(":")[0].split("(")[0].strip()[:60]
-
-
-def _summarise(
-    base: dict[str, Any],
-    tasks: list[ShardTask],
-    files: dict[str, Path],
-    out_dir: Path,
-    read_errors: list[str],
-    leakage: dict[str, Any],
-    n_read: int,
-    not_icsd: int,
-    too_big: int,
-    m: Any,
-) -> dict[str, Any]:
-    rows: list[list[Any]] = []
-    per_system: Counter[str] = Counter()
-    failures: list[str] = []
-    shards_info = []
-    n_ok = n_disagree = n_lines = 0
-    for task in tasks:
-        shard: PeakListShard = read_shard(files[task.name])
-        counts = np.diff(shard.offsets)
-        for i, sid in enumerate(shard.ids):
-            sg, src = int(shard.space_group[i]), int(shard.source_space_group[i])
-            n_disagree += bool(src) and src != sg
-            per_system[shard.crystal_system[i]] += 1
-            icsd = str(bool(shard.icsd[i])).lower()
-            row = [sid, task.name, SOURCE, shard.reduced_formula[i], shard.crystal_system[i], sg, src or ""]
-            rows.append([*row, icsd, int(counts[i]), "ok", ""])
-        for sid, reason in zip(shard.failed_ids, shard.failed_reasons, strict=True):
-            rows.append([sid, task.name, SOURCE, "", "", "", "", "", 0, "failed", reason])
-        failures.extend(shard.failed_reasons)
-        n_ok += len(shard)
-        n_lines += len(shard.two_theta)
-        size = files[task.name].stat().st_size
-        shards_info.append(
-            {
-                "name": files[task.name].name,
-                "n_structures": len(shard),
-                "n_failed": len(shard.failed_ids),
-                "bytes": size,
-            }
-        )
-    write_table(out_dir / "manifest.csv", MANIFEST_COLUMNS, rows)
-    return {
-        **base,
-        "enabled": True,
-        "n_records_read": n_read,
-        "n_read_errors": len(read_errors),
-        "read_errors": read_errors[:_KEEP_LINES],
-        "filtered_out": {"icsd_only": not_icsd, "max_sites": too_big},
-        "leakage": leakage,
-        "n_selected": sum(len(t.lines) for t in tasks),
-        "n_structures": n_ok,
-        "n_failed": len(failures),
-        "failure_kinds": dict(
-            sorted(Counter(map(_reason_kind, failures)).items(), key=lambda kv: (-kv[1], kv[0]))
-        ),
-        "failures": failures[:_KEEP_LINES],
-        "labels": {
-            "method": "spglib on the shard's arrays at labels.symprec (fallbacks 0.1, 0.001)",
-            "n_disagree_with_source_sg": n_disagree,
-            "disagreement_rate": round(n_disagree / n_ok, 6) if n_ok else 0.0,
-            "per_crystal_system": {c: per_system[c] for c in CRYSTAL_SYSTEMS},
-        },
-        "honest_external_test": "cod" not in base["params"]["split.train_sources"],
-        "n_peaks": n_lines,
-        "shards": shards_info,
-        "bytes": sum(s["bytes"] for s in shards_info),
-        "plan": _digest([t.plan for t in tasks]),
-    }
-
-
-def summary_line(s: dict[str, Any]) -> str:
-    """The CLI's one line about a run."""
-    if not s.get("enabled"):
-        return f"peaklists: off ({s['reason']}); empty manifest written"
-    leak, lab = s["leakage"], s["labels"]
-    return (
-        f"peaklists: {s['n_structures']} Materials Project structures in {len(s['shards'])} shards "
-        f"({s['bytes'] / 1e6:.1f} MB), {s['n_failed']} failed, {s['n_read_errors']} unreadable; "
-        f"{leak['n_mp_dropped']} dropped for leakage ({leak['n_cod_structures']} COD structures: "
-        f"{leak['reference'].split(' (')[0]}); labels differ from the shard's sg for "
-        f"{lab['disagreement_rate']:.2%}"
-    )

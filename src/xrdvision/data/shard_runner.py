@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Any
@@ -65,9 +67,25 @@ def _inline(fn: Callable[[Any], Any], tasks: Sequence[Any]) -> Iterator[Outcome]
         yield task, result, None
 
 
+def _exit_with_parent() -> None:
+    """Pool-worker initializer: exit when the process that started the pool is gone. A worker blocks on
+    a queue whose write end it holds itself, so after a ``kill -9`` of the stage it would wait forever."""
+    parent = multiprocessing.parent_process()
+    if parent is None:  # pragma: no cover - always set in a pool worker
+        return
+
+    def watch() -> None:
+        parent.join()
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _pool(fn: Callable[[Any], Any], tasks: Sequence[Any], workers: int) -> Iterator[Outcome]:
     ctx = multiprocessing.get_context("forkserver")
-    pool = ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=ctx)
+    pool = ProcessPoolExecutor(
+        max_workers=min(workers, len(tasks)), mp_context=ctx, initializer=_exit_with_parent
+    )
     try:
         # At most two tasks per worker in flight: results come back as they finish, memory stays flat.
         pending: dict[Future[Any], Any] = {}
