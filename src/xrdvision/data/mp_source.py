@@ -28,6 +28,7 @@ import functools
 import json
 import logging
 import lzma
+import os
 import re
 import warnings
 from collections import Counter
@@ -288,6 +289,7 @@ def mp_labels(
     """``(space group, crystal system)`` of a record from spglib on its arrays (no pymatgen object),
     at ``symprec`` (A), then the fallback tolerances; ``ValueError`` if none gives a space group
     (or the cell is impossible)."""
+    os.environ.setdefault("SPGLIB_WARNING", "OFF")  # its C code prints a line per failed tolerance try
     import spglib
 
     lattice = cholesky_sym3(metric(record["cell"]))  # rows a, b, c; the orientation does not matter
