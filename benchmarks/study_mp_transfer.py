@@ -63,15 +63,11 @@ def cod_set(args: argparse.Namespace, params: Any) -> Any:
     path = args.cache / f"cod_set_symprec{lab.symprec}_angle{lab.angle_tolerance}.npz"
     if path.exists():
         return CodSet.load(path)
-    t0 = time.perf_counter()
     cod = build_cod_set(
         sorted(args.cod.glob("*.cif")), lab.symprec, lab.angle_tolerance, workers=args.workers
     )
     cod.save(path)
-    log(
-        f"COD: {len(cod)} structures labelled and simulated, {len(cod.failed)} failed "
-        f"({time.perf_counter() - t0:.0f} s)"
-    )
+    log(f"COD: {len(cod)} structures labelled and simulated, {len(cod.failed)} failed ({cod.seconds:.0f} s)")
     return cod
 
 
@@ -110,6 +106,7 @@ def selection(args: argparse.Namespace, cod: Any) -> tuple[dict[str, Any], dict[
     sets["icsd_only"] = sel["icsd"]
     sets["all_at_icsd_size"] = sample(sel["kept"], len(sel["icsd"]), args.seed)
     counts = {k: v for k, v in sel.items() if k.startswith("n_")}
+    counts["dropped_formulas"] = sel["dropped_formulas"]
     counts |= {"n_icsd_left": len(sel["icsd"]), "catalogue_errors": errors}
     counts["catalogue_seconds"] = round(time.perf_counter() - t0, 1)
     log(
@@ -130,20 +127,31 @@ def run_peer(args: argparse.Namespace) -> None:
     from xrdvision.models.mp_transfer import (
         Featurised,
         disagreement_rate,
+        element_set,
         featurise_shards,
         shard_tasks,
     )
     from xrdvision.models.peak_peer import feature_matrix
 
+    t_start = time.perf_counter()
     params = load_params(args.params)
     classes = class_names("crystal_system")
     cod = cod_set(args, params)
     X_cod = feature_matrix((cod.peaks(i)[1], cod.peaks(i)[2]) for i in range(len(cod)))
     subsets = cod_subsets(args, cod, params)
     counts, sets = selection(args, cod)
+    # Stricter than the rule: no Materials Project structure of the same elements as any COD structure
+    # (largest sample), and scores apart on the COD compounds the Materials Project has (then dropped).
+    largest_name = SIZE_NAMES.get(max(args.sizes), str(max(args.sizes)))
+    cod_systems = {element_set(f) for f in cod.reduced_formula}
+    sets[f"{largest_name}_no_cod_element_set"] = [
+        e for e in sets[largest_name] if element_set(e.reduced_formula) not in cod_systems
+    ]
+    in_mp = np.isin(cod.reduced_formula, counts["dropped_formulas"])
+    subsets |= {"formula_in_mp": in_mp, "formula_not_in_mp": ~in_mp}
     sim = params.simulate
     settings = PowderSettings(sim.wavelength, sim.two_theta_min, sim.two_theta_max)
-    union = {e.id: e for entries in sets.values() for e in entries}
+    union = {e.id: e for entries in sets.values() for e in entries}  # the strict set is in the largest
     feat_path = args.cache / f"mp_features_seed{args.seed}_{len(union)}.npz"
     if feat_path.exists():
         feats = Featurised.load(feat_path)
@@ -173,6 +181,8 @@ def run_peer(args: argparse.Namespace) -> None:
         "seed": args.seed,
         "n_cod_scored": len(cod),
         "n_cod_c_and_h": int(cod.has_c_and_h.sum()),
+        "n_cod_formula_in_mp": int(in_mp.sum()),
+        "cod_set_seconds": round(cod.seconds, 1),
         "cod_failed": cod.failed,
         "mp_counts": counts,
         "n_mp_featurised": len(feats),
@@ -200,7 +210,7 @@ def run_peer(args: argparse.Namespace) -> None:
             f"(fit {r['fit_seconds']} s)"
         )
     rng = np.random.default_rng(args.seed + 1)
-    largest = feats.rows_of(e.id for e in sets[SIZE_NAMES.get(max(args.sizes), str(max(args.sizes)))])
+    largest = feats.rows_of(e.id for e in sets[largest_name])
     for n in [s for s in args.sizes if s < max(args.sizes)]:
         accs = []
         for _ in range(args.repeats):  # a random sample of a random sample is a random sample
@@ -209,6 +219,7 @@ def run_peer(args: argparse.Namespace) -> None:
                 fit_and_score(args, feats, rows, X_cod, cod, classes, subsets)["cod"]["all"]["accuracy"]
             )
         result["runs"][SIZE_NAMES.get(n, str(n))]["other_draws_accuracy"] = accs
+    result["total_seconds"] = round(time.perf_counter() - t_start, 1)
     write_outputs(args, result, metrics_from_peer(result), "peer_list")
 
 
@@ -276,7 +287,18 @@ def metrics_from_peer(result: dict[str, Any]) -> dict[str, Any]:
             f"n_train_{name}": r["n_train"],
             f"fit_seconds_{name}": r["fit_seconds"],
         }
+    for name, r in runs.items():
+        if "other_draws_accuracy" in r:
+            draws = [r["cod"]["all"]["accuracy"], *r["other_draws_accuracy"]]
+            out[f"peer_cod_accuracy_{name}_draws_mean"] = float(np.mean(draws))
+            out[f"peer_cod_accuracy_{name}_draws_sd"] = float(np.std(draws, ddof=1))
+    out["label_disagreement_rate_crystal_system"] = result["label_disagreement_rate_crystal_system"]
+    out |= {k: result[k] for k in ("n_mp_featurised", "n_cod_c_and_h", "n_cod_formula_in_mp")}
+    out["n_mp_dropped_leakage_icsd"] = result["mp_counts"]["n_dropped_icsd"]
+    out["cod_set_seconds"] = result["cod_set_seconds"]
+    out["mp_catalogue_seconds"] = result["mp_counts"]["catalogue_seconds"]
     out["mp_featurise_seconds"] = result["mp_featurise_seconds"]
+    out["peer_total_seconds"] = result["total_seconds"]
     return out
 
 

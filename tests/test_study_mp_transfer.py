@@ -21,6 +21,7 @@ from xrdvision.data.mp_source import Entry, catalogue, mp_shards, read_lines
 from xrdvision.models.mp_transfer import (
     Featurised,
     disagreement_rate,
+    element_set,
     featurise_chunk,
     featurise_shards,
     score_subsets,
@@ -127,6 +128,7 @@ def test_selection_drops_held_out_compounds_everywhere_and_nests() -> None:
     sel = select(entries, {"NaCl", "SiO2"}, [10, 50, 1000], seed=3)
     assert sel["n_catalogue"] == 300 and sel["n_dropped"] == 200 and sel["n_left"] == 100
     assert sel["n_dropped_icsd"] == 100 and len(sel["icsd"]) == 50
+    assert sel["dropped_formulas"] == ["NaCl", "SiO2"]
     sets = [*sel["sizes"].values(), sel["icsd"]]
     assert all(e.reduced_formula not in {"NaCl", "SiO2"} for s in sets for e in s)
     assert all(e.icsd for e in sel["icsd"])
@@ -135,6 +137,11 @@ def test_selection_drops_held_out_compounds_everywhere_and_nests() -> None:
     again = select(entries, {"NaCl", "SiO2"}, [10], seed=3)["sizes"][10]
     other = select(entries, {"NaCl", "SiO2"}, [10], seed=4)["sizes"][10]
     assert [e.id for e in again] == [e.id for e in sel["sizes"][10]] != [e.id for e in other]
+
+
+def test_element_set_is_the_chemical_system() -> None:
+    assert element_set("Fe0.5Ni0.5O") == {"Fe", "Ni", "O"} == element_set("NiFeO2")
+    assert element_set("H17C5AlP2N2O8") == {"H", "C", "Al", "P", "N", "O"}
 
 
 def test_shard_tasks_group_by_shard_in_line_order() -> None:

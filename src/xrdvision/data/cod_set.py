@@ -90,6 +90,7 @@ class CodSet:
     intensity: np.ndarray
     d: np.ndarray
     failed: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0  # wall time of build_cod_set
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -106,16 +107,18 @@ class CodSet:
         }
         arrays["failed_ids"] = np.array(list(self.failed), dtype=str)
         arrays["failed_reasons"] = np.array(list(self.failed.values()), dtype=str)
+        arrays["seconds"] = np.array(self.seconds)
         with atomic_path(Path(path)) as tmp, open(tmp, "wb") as fh:
             np.savez_compressed(fh, **arrays)
 
     @classmethod
     def load(cls, path: str | Path) -> CodSet:
         with np.load(path, allow_pickle=False) as z:
-            kw = {k: z[k] for k in z.files if not k.startswith("failed_")}
+            kw = {k: z[k] for k in z.files if not k.startswith("failed_") and k != "seconds"}
+            seconds = float(z["seconds"]) if "seconds" in z.files else 0.0
             failed = dict(zip(z["failed_ids"].tolist(), z["failed_reasons"].tolist(), strict=True))
         kw["ids"] = [str(i) for i in kw["ids"]]
-        return cls(**kw, failed=failed)
+        return cls(**kw, failed=failed, seconds=seconds)
 
 
 def build_cod_set(
@@ -128,8 +131,11 @@ def build_cod_set(
     settings: PowderSettings | None = None,
 ) -> CodSet:
     """Read, label and simulate every CIF of ``paths`` (``workers`` processes, a time limit per CIF)."""
+    import time
+
     from xrdvision.data.pool import TaskFailure, run_pool
 
+    t0 = time.perf_counter()
     entries: dict[int, dict[str, Any]] = {}
     failed: dict[str, str] = {}
 
@@ -171,6 +177,7 @@ def build_cod_set(
         intensity=cat("intensity"),
         d=cat("d"),
         failed=dict(sorted(failed.items())),
+        seconds=time.perf_counter() - t0,
     )
 
 

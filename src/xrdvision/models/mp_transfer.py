@@ -16,6 +16,7 @@ themselves: only names and numbers cross processes, and 10^5 structures take min
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,8 +43,9 @@ def select(
     Every Materials Project structure whose reduced formula is among ``held_out_formulas`` (the scored
     COD structures') is dropped first, then: for each of ``sizes`` a seeded sample of what is left
     (nested: a smaller one is part of every larger one; a size above what is left takes all), and all
-    ICSD-linked ones (``icsd``); ``kept`` is everything left. Also the counts: ``n_catalogue``,
-    ``n_dropped`` (and ``_icsd``), ``n_left``.
+    ICSD-linked ones (``icsd``); ``kept`` is everything left, ``dropped_formulas`` the held-out
+    compounds the Materials Project has. Also the counts: ``n_catalogue``, ``n_dropped`` (and
+    ``_icsd``), ``n_left``.
     """
     kept = [e for e in entries if e.reduced_formula not in held_out_formulas]
     icsd = [e for e in kept if eligible(e, icsd_only=True)]
@@ -52,10 +54,17 @@ def select(
         "n_dropped": len(entries) - len(kept),
         "n_dropped_icsd": sum(e.icsd for e in entries) - len(icsd),
         "n_left": len(kept),
+        "dropped_formulas": sorted({e.reduced_formula for e in entries} & set(held_out_formulas)),
         "kept": kept,
         "sizes": {int(n): sample(kept, int(n), seed) for n in sizes},
         "icsd": icsd,
     }
+
+
+def element_set(formula: str) -> frozenset[str]:
+    """The elements of a formula (``"Fe0.5Ni0.5O"`` -> ``{"Fe", "Ni", "O"}``): its chemical system, for
+    a stricter leakage check than the reduced formula (no compound of the same elements at all)."""
+    return frozenset(re.findall(r"[A-Z][a-z]?", formula))
 
 
 def shard_tasks(entries: Iterable[Entry], chunk: int = 500) -> list[tuple[str, list[int]]]:
