@@ -204,6 +204,14 @@ def build_shard(task: ShardTask) -> bytes:
     return shard_bytes(shard)
 
 
+def build_shard_measured(task: ShardTask) -> tuple[bytes, float]:
+    """:func:`build_shard` and the worker's peak RSS so far (MB), for the log (never the outputs)."""
+    import resource
+
+    data = build_shard(task)
+    return data, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _clean(out_dir: Path, keep: set[str]) -> None:
     """Remove leftover temp files (a killed run's) and shards that are not in the plan."""
     for p in out_dir.glob(".*.tmp"):
@@ -328,18 +336,21 @@ def _run(params: Params, todo: list[ShardTask], files: dict[str, Path], n_tasks:
     )
     log.info("peaklists: %d shards (%d structures) to build on %s", len(todo), total, where)
     outcomes = run_tasks(
-        build_shard,
+        build_shard_measured,
         todo,
         scheduler=params.mp.scheduler,
         workers=params.mp.workers,
         key=lambda t: f"xrdvision-peaklists-{t.name}-{t.plan[:16]}",
     )
-    for task, data, error in outcomes:
+    peak_rss = 0.0
+    for task, result, error in outcomes:
         done += 1
         if error is not None:
             failures.append(f"{task.name} ({task.input_name}): {error}")
             log.warning("peaklists: %s failed: %s", task.name, error)
             continue
+        data, rss = result
+        peak_rss = max(peak_rss, rss)
         size = write_shard_bytes(files[task.name], data)
         done_structures += len(task.lines)
         elapsed = time.perf_counter() - t0
@@ -357,6 +368,13 @@ def _run(params: Params, todo: list[ShardTask], files: dict[str, Path], n_tasks:
             elapsed,
             left,
         )
+    log.info(
+        "peaklists: built %d shards in %.0f s (%.0f structures/s); largest worker peak RSS %.0f MB",
+        done - len(failures),
+        time.perf_counter() - t0,
+        done_structures / max(time.perf_counter() - t0, 1e-9),
+        peak_rss,
+    )
     if failures:
         raise XrdVisionError(
             f"peaklists: {len(failures)} of {len(todo)} shards failed ({failures[0]}); the others are "
