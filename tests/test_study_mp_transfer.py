@@ -222,6 +222,7 @@ def test_carbon_and_hydrogen() -> None:
     assert has_carbon_and_hydrogen(["C", "H", "N", "Cu"]) and not has_carbon_and_hydrogen(["C", "O", "Ca"])
 
 
+@pytest.mark.needs_shared("cod")  # ids outside the embedded 719 (1000026, 2101499)
 def test_cod_set_labels_simulates_and_round_trips(cod_dir: Path, tmp_path: Path) -> None:
     # 1000017 and 1000032: corundum twice (one compound group); 1000026 MgB2; 2101499 carbon
     paths = [cod_dir / f"{i}.cif" for i in ("1000017", "1000026", "1000032", "2101499")]
