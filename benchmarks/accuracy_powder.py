@@ -96,25 +96,6 @@ def cod_structures(cod_dir: Path = COD) -> tuple[dict[str, Any], dict[str, str]]
     return structures, failed
 
 
-def structure_record(name: str, structure: Any) -> dict[str, Any]:
-    """A pymatgen structure as a batch record: one entry per species on a site, dummy atoms dropped."""
-    species, frac, occ = [], [], []
-    for site in structure:
-        for sp, o in site.species.items():
-            if type(sp).__name__ == "DummySpecies":
-                continue
-            species.append(str(sp))
-            frac.append(site.frac_coords.tolist())
-            occ.append(float(o))
-    return {
-        "id": name,
-        "cell": structure.lattice.matrix.tolist(),
-        "species": species,
-        "frac": frac,
-        "occupancy": occ,
-    }
-
-
 def xrayutilities_lines(record: dict[str, Any], wavelength: float = 1.5406) -> tuple[np.ndarray, np.ndarray]:
     """xrayutilities' own powder lines (2-theta, strength) of a record, built as a P1 lattice."""
     import xrayutilities as xu
@@ -260,6 +241,7 @@ def main() -> None:
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     from xrdvision.crystal.powder import PowderSettings, simulate_batch
+    from xrdvision.data.cod_set import record_from_structure
 
     t0 = time.perf_counter()
     result: dict[str, Any] = {"seed": args.seed}
@@ -268,7 +250,7 @@ def main() -> None:
     result["mp_vs_xrayutilities"] = summarise(rows, f"MP {len(mp)} vs xrayutilities")
 
     structures, unreadable = cod_structures()
-    cod = [structure_record(k, v) for k, v in structures.items()]
+    cod = [record_from_structure(k, v) for k, v in structures.items()]
     if args.cod:
         cod = cod[: args.cod]
     # The overlap check rejects 1.8 % of COD as pymatgen reads it (duplicated atoms, disorder parts
