@@ -20,30 +20,17 @@ import os
 import re
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import ConfigDict, Field, Strict, TypeAdapter, ValidationError, model_validator
-from pydantic.dataclasses import dataclass
-from pydantic_core import PydanticCustomError
+from pydantic import Field, TypeAdapter, ValidationError, model_validator
 
+from xrdvision.config.base import Bool, Int, Num, Str, _rule, _section
+from xrdvision.config.generate import GenerateParams
+from xrdvision.config.measured import MeasuredParams
+from xrdvision.config.patterns import Cnn1dParams, ConditionsParams, PatternParams
 from xrdvision.crystal.bragg import CU_KA1
 from xrdvision.errors import ConfigError
-
-# Strict scalars, as YAML gives them: "42" is not an integer, 1 is not true; an int widens to a float.
-Int = Annotated[int, Strict()]
-Num = Annotated[float, Strict()]
-Bool = Annotated[bool, Strict()]
-Str = Annotated[str, Strict()]
-
-_section = dataclass(frozen=True, config=ConfigDict(extra="forbid"))
-
-
-def _rule(ok: bool, key: str, reason: str) -> None:
-    """A check between fields, or on a list's shape; ``key`` is relative to the section."""
-    if not ok:
-        raise PydanticCustomError("rule", "{reason}", {"key": key, "reason": reason})
-
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".tbz2")
 
@@ -149,19 +136,19 @@ class RenderParams:
 @_section
 class SplitParams:
     """Grouped, stratified train/validation/test split of COD; ``train_sources``: what training draws on
-    (COD's training split, Materials Project structures, or both; COD keeps validation and test)."""
+    (COD's training split, Materials Project structures, generated crystals; COD keeps validation and test)."""
 
     train: Num = Field(0.7, gt=0, lt=1)
     val: Num = Field(0.2, gt=0, lt=1)
     test: Num = Field(0.1, gt=0, lt=1)
-    train_sources: list[Literal["cod", "mp"]] = Field(default_factory=lambda: ["cod"])
+    train_sources: list[Literal["cod", "mp", "synth"]] = Field(default_factory=lambda: ["cod"])
 
     @model_validator(mode="after")
     def _rules(self) -> SplitParams:
         total = self.train + self.val + self.test
         _rule(abs(total - 1) < 1e-6, "train/val/test", f"must sum to 1 (they sum to {total:g})")
         ok = 0 < len(self.train_sources) == len(set(self.train_sources))
-        _rule(ok, "train_sources", "need one or both of cod, mp, each once")
+        _rule(ok, "train_sources", "need one or more of cod, mp, synth, each once")
         return self
 
 
@@ -200,8 +187,9 @@ class SynthParams:
 
 @_section
 class ModelParams:
-    """The VGG16 transfer-learning model."""
+    """Which model kind, and the VGG16 transfer-learning model's settings (``cnn1d:`` has the other's)."""
 
+    kind: Literal["vgg16", "cnn1d"] = "vgg16"  # vgg16: images (the default); cnn1d: 1-D patterns
     weights: Str = ""  # "" = look in the usual places (model.resolve_weights)
     dense: list[Int] = Field(default_factory=lambda: [128])  # the seed recipe: [256]
     dropout: Num = Field(0.13, ge=0, lt=1)  # the seed recipe: 0.3
@@ -263,15 +251,6 @@ class PromoteParams:
 
 
 @_section
-class MeasuredParams:
-    """Measured patterns for the real-data check (empty or missing folder: the stage reports it skipped)."""
-
-    folder: Str = "../shared/experimental"
-    index: Str = "INDEX.csv"
-    wavelength: Num = 1.5418
-
-
-@_section
 class Params:
     """All of ``params.yaml``."""
 
@@ -284,7 +263,11 @@ class Params:
     split: SplitParams = Field(default_factory=SplitParams)
     synth: SynthParams = Field(default_factory=SynthParams)
     mp: MpParams = Field(default_factory=MpParams)
+    generate: GenerateParams = Field(default_factory=GenerateParams)
     model: ModelParams = Field(default_factory=ModelParams)
+    cnn1d: Cnn1dParams = Field(default_factory=Cnn1dParams)
+    pattern: PatternParams = Field(default_factory=PatternParams)
+    conditions: ConditionsParams = Field(default_factory=ConditionsParams)
     train: TrainParams = Field(default_factory=TrainParams)
     mlflow: MlflowParams = Field(default_factory=MlflowParams)
     tune: TuneParams = Field(default_factory=TuneParams)
