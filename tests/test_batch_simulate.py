@@ -245,3 +245,25 @@ def test_a_shared_site_is_not_an_overlap_and_one_structure_raises_input_error() 
         powder_peaks(NACL["cell"], ["Qq", "Cl"], NACL["frac"], name="my-cif")
     with pytest.raises(InputError, match="no reflections in 2-theta range"):
         powder_peaks([1.0, 1.0, 1.0, 90, 90, 90], ["H"], [[0, 0, 0]])
+
+
+def test_plane_normals_give_the_angles_between_planes_of_a_monoclinic_cell():
+    """Each line's normal (for March-Dollase texture) is a unit vector, and the angle between two
+    lines' normals is the angle between their planes' reciprocal vectors (h G* h')."""
+    from xrdvision.crystal.powder import PowderSettings, powder_peaks
+
+    cell = (4.0, 5.0, 7.0, 90.0, 100.0, 90.0)
+    peaks = powder_peaks(
+        cell,
+        ["Si", "O"],
+        [[0, 0, 0], [0.3, 0.2, 0.1]],
+        settings=PowderSettings(with_hkl=True, with_normals=True),
+    )
+    assert peaks.normal is not None and peaks.normal.shape == (len(peaks), 3)
+    np.testing.assert_allclose(np.linalg.norm(peaks.normal, axis=1), 1.0, atol=1e-6)
+    a, b, c, beta = 4.0, 5.0, 7.0, np.radians(100.0)
+    g = np.array([[a * a, 0, a * c * np.cos(beta)], [0, b * b, 0], [a * c * np.cos(beta), 0, c * c]])
+    h = peaks.hkl.astype(float)
+    m = h @ np.linalg.inv(g) @ h.T
+    cos_expected = m / np.sqrt(np.outer(np.diag(m), np.diag(m)))
+    np.testing.assert_allclose(np.abs(peaks.normal @ peaks.normal.T), np.abs(cos_expected), atol=1e-5)

@@ -34,7 +34,10 @@ def test_shipped_params_are_the_documented_defaults():
             {"split": {"train_sources": ["cod", "icsd"]}},
             "split.train_sources.1: 'icsd' is not one of cod, mp",
         ),
-        ({"split": {"train_sources": []}}, "split.train_sources: need one or more of cod, mp, synth, each once"),
+        (
+            {"split": {"train_sources": []}},
+            "split.train_sources: need one or more of cod, mp, synth, each once",
+        ),
         (
             {"mp": {"scheduler": "dask-head:8786"}},
             "mp.scheduler: 'dask-head:8786' is neither local nor a Dask",

@@ -125,6 +125,9 @@ def test_leakage_labels_and_same_bytes_twice(one_shard: Path, tmp_path: Path) ->
     tt, inten = shard.peaks(0)
     assert len(tt) and inten.max() == pytest.approx(1.0) and (np.diff(tt) > 0).all()
     assert tt.min() >= 5 and tt.max() <= 90 and shard.d().shape == shard.two_theta.shape
+    # Each line carries its unit plane normal (March-Dollase texture in the training patterns).
+    assert shard.normal is not None and shard.normal.shape == (len(shard.two_theta), 3)
+    np.testing.assert_allclose(np.linalg.norm(shard.normal.astype(np.float32), axis=1), 1.0, atol=2e-3)
     lab = s["labels"]
     assert sum(lab["per_crystal_system"].values()) == s["n_structures"]
     assert 0 <= lab["disagreement_rate"] < 0.1

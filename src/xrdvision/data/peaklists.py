@@ -58,7 +58,7 @@ from xrdvision.formats.tables import read_split, read_table, write_table
 log = logging.getLogger(__name__)
 
 SOURCE = "mp"
-FORMAT_VERSION = 1  # part of every plan: a change of what a shard holds invalidates old shards
+FORMAT_VERSION = 2  # part of every plan: a change of what a shard holds invalidates old shards
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,10 @@ def powder_settings(params: Params) -> PowderSettings:
     """The batch simulator's settings from ``simulate``: K-alpha1 only (a profile adds K-alpha2)."""
     s = params.simulate
     return PowderSettings(
-        wavelength=s.wavelength, two_theta_min=s.two_theta_min, two_theta_max=s.two_theta_max
+        wavelength=s.wavelength,
+        two_theta_min=s.two_theta_min,
+        two_theta_max=s.two_theta_max,
+        with_normals=True,  # for March-Dollase texture in the training patterns
     )
 
 
@@ -200,6 +203,7 @@ def build_shard(task: ShardTask) -> bytes:
         source=SOURCE,
         wavelength=float(task.settings.wavelength),
         plan=task.plan,
+        normal=batch.normal[idx] if batch.normal is not None else None,
     )
     return shard_bytes(shard)
 

@@ -18,7 +18,10 @@ permissions, deflate at level 6, no pickles. Members (N structures, P lines):
   d follows from ``wavelength`` by Bragg's law, :meth:`PeakListShard.d`);
 - ``failed_ids``, ``failed_reasons`` (F, str): records that gave no peak list, one line each;
 - ``source`` (str, e.g. ``mp``), ``wavelength`` (float64, A), ``plan`` (str): the digest that decides
-  whether a rerun may keep the shard.
+  whether a rerun may keep the shard;
+- optional ``normal`` (P, 3, float16): each line's unit plane normal (its strongest reflection's, in
+  an orthonormal frame of the structure; :func:`xrdvision.crystal.powder.plane_normals`), what a
+  March-Dollase preferred orientation needs. Shards without it give patterns without texture.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ MEMBERS = (
     "wavelength",
     "plan",
 )
+OPTIONAL_MEMBERS = ("normal",)
 _DATE = (1980, 1, 1, 0, 0, 0)  # the earliest a zip can say: no run's clock gets into the bytes
 _LEVEL = 6
 
@@ -75,6 +79,7 @@ class PeakListShard:
     source: str
     wavelength: float
     plan: str
+    normal: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -108,7 +113,7 @@ def _arrays(shard: PeakListShard) -> dict[str, np.ndarray]:
         "source": np.array(shard.source, dtype=str),
         "wavelength": np.array(shard.wavelength, dtype=np.float64),
         "plan": np.array(shard.plan, dtype=str),
-    }
+    } | ({} if shard.normal is None else {"normal": np.asarray(shard.normal, dtype=np.float16)})
 
 
 def check_shard(shard: PeakListShard) -> None:
@@ -127,6 +132,8 @@ def check_shard(shard: PeakListShard) -> None:
             f"offsets end at {off[-1]} but there are {len(shard.two_theta)} two_theta and "
             f"{len(shard.intensity)} intensity values"
         )
+    if shard.normal is not None and np.shape(shard.normal) != (len(shard.two_theta), 3):
+        raise ValueError(f"normal has shape {np.shape(shard.normal)}, need ({len(shard.two_theta)}, 3)")
     if len(shard.failed_ids) != len(shard.failed_reasons):
         raise ValueError(f"{len(shard.failed_ids)} failed ids but {len(shard.failed_reasons)} reasons")
 
@@ -154,13 +161,13 @@ def write_shard_bytes(path: str | Path, data: bytes) -> int:
     return len(data)
 
 
-def _load(path: Path, members: Sequence[str]) -> dict[str, Any]:
+def _load(path: Path, members: Sequence[str], optional: Sequence[str] = ()) -> dict[str, Any]:
     try:
         with np.load(path, allow_pickle=False) as npz:
             missing = [m for m in members if m not in npz.files]
             if missing:
                 raise InputError(path, f"not a peak-list shard: lacks {', '.join(missing)}")
-            return {m: npz[m] for m in members}
+            return {m: npz[m] for m in (*members, *optional) if m in npz.files}
     except InputError:
         raise
     except FileNotFoundError:
@@ -173,7 +180,7 @@ def read_shard(path: str | Path) -> PeakListShard:
     """A shard file, checked; :class:`InputError` naming the file for a missing, damaged or
     inconsistent one."""
     path = Path(path)
-    a = _load(path, MEMBERS)
+    a = _load(path, MEMBERS, OPTIONAL_MEMBERS)
     shard = PeakListShard(
         ids=a["ids"].tolist(),
         reduced_formula=a["reduced_formula"].tolist(),
@@ -189,6 +196,7 @@ def read_shard(path: str | Path) -> PeakListShard:
         source=str(a["source"]),
         wavelength=float(a["wavelength"]),
         plan=str(a["plan"]),
+        normal=a.get("normal"),
     )
     try:
         check_shard(shard)
