@@ -136,7 +136,7 @@ class RenderParams:
 @_section
 class SplitParams:
     """Grouped, stratified train/validation/test split of COD; ``train_sources``: what training draws on
-    (COD's training split, Materials Project structures, generated crystals; COD keeps validation and test)."""
+    (COD's training split, Materials Project structures, generated crystals; COD keeps val and test)."""
 
     train: Num = Field(0.7, gt=0, lt=1)
     val: Num = Field(0.2, gt=0, lt=1)

@@ -26,9 +26,9 @@ class Cnn1dParams:
     """The 1-D convolutional network (``model.kind: cnn1d``)."""
 
     architecture: Literal["resnet", "plain"] = "resnet"  # plain: the simpler variant it is measured against
-    width: Int = Field(32, ge=4, le=512)  # channels of the first stage (doubled at each later stage)
+    width: Int = Field(16, ge=4, le=512)  # channels of the first stage (doubled at each later stage)
     depth: Int = Field(4, ge=1, le=8)  # stages, each halving the length
-    kernel: Int = Field(9, ge=3, le=101)  # convolution kernel (grid points)
+    kernel: Int = Field(7, ge=3, le=101)  # convolution kernel (grid points)
     dropout: Num = Field(0.3, ge=0, lt=1)
     dense: Int = Field(128, ge=8, le=4096)  # width of the dense layer before the output
 

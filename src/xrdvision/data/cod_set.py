@@ -91,6 +91,7 @@ class CodSet:
     d: np.ndarray
     failed: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0  # wall time of build_cod_set
+    normal: np.ndarray | None = None  # (P, 3) unit plane normals when simulated with_normals
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -108,6 +109,8 @@ class CodSet:
         arrays["failed_ids"] = np.array(list(self.failed), dtype=str)
         arrays["failed_reasons"] = np.array(list(self.failed.values()), dtype=str)
         arrays["seconds"] = np.array(self.seconds)
+        if self.normal is not None:
+            arrays["normal"] = np.asarray(self.normal, dtype=np.float16)
         with atomic_path(Path(path)) as tmp, open(tmp, "wb") as fh:
             np.savez_compressed(fh, **arrays)
 
@@ -178,6 +181,7 @@ def build_cod_set(
         d=cat("d"),
         failed=dict(sorted(failed.items())),
         seconds=time.perf_counter() - t0,
+        normal=cat("normal").reshape(-1, 3) if settings.with_normals else None,
     )
 
 

@@ -102,6 +102,40 @@ def named(figures: dict[str, Any], prefix: str) -> dict[str, Any]:
     }
 
 
+def _cnn1d_figures(model: Any, params: Params, split_dir: Path, y: np.ndarray, classes: list[str]) -> dict:
+    """The 1-D model's test-split figures (its structures' peak lists rendered on the model's grid) and
+    its figures on every COD structure no training structure shares a compound with."""
+    from xrdvision.data.peak_table import cod_table
+    from xrdvision.models.score_patterns import pattern_probabilities, test_split_inputs, training_formulas
+
+    probs = pattern_probabilities(model, test_split_inputs(params, split_dir)[0], params)
+    metrics = named(classification_metrics(probs, y, classes, params.seed), "test")
+    cod = cod_table(params)
+    seen = training_formulas(params, cod, split_dir)
+    return metrics | unseen_figures(model, params, cod, seen, params.seed) | {"_probs": probs}
+
+
+def unseen_figures(model: Any, params: Params, cod: Any, seen: set[str], seed: int) -> dict[str, Any]:
+    """The 1-D model's figures on every structure of ``cod`` (a peak table) whose compound is not in
+    ``seen`` (the training structures'), and on its organic (C and H) and inorganic parts:
+    ``unseen_*``, ``unseen_organic_*``, ``unseen_inorganic_*`` and their counts."""
+    from xrdvision.models.score_patterns import pattern_probabilities, unseen_mask
+
+    classes = class_names(params.labels.mode)
+    mask = unseen_mask(cod, seen)
+    table = cod.subset(np.flatnonzero(mask))
+    y = encode_labels(table.labels(params.labels.mode), classes, "COD peak lists")
+    probs = pattern_probabilities(model, table, params)
+    out: dict[str, Any] = {"n_unseen": int(mask.sum()), "n_cod_seen_in_training": int((~mask).sum())}
+    figures = classification_metrics(probs, y, classes, seed)
+    out |= {k: v for k, v in named(figures, "unseen").items() if k != "n_test"}
+    for name, part in (("organic", table.has_c_and_h), ("inorganic", ~table.has_c_and_h)):
+        if part.any():
+            figures = named(classification_metrics(probs[part], y[part], classes, seed), f"unseen_{name}")
+            out |= {k.replace("n_test", f"n_unseen_{name}"): v for k, v in figures.items()}
+    return out
+
+
 def predict_images(model, paths: list[Path], batch_size: int = 16) -> np.ndarray:
     """Class probabilities for image files (raw RGB; the model carries VGG16's preprocessing)."""
     from tqdm import tqdm
@@ -179,6 +213,12 @@ def run_evaluate(
             f"{model_dir / runs.RUN_INFO}: model was trained for {run_info.get('label_mode')}, "
             f"params say labels.mode={mode}: run `dvc repro train` first"
         )
+    kind = params.model.kind
+    if run_info.get("model_kind", "vgg16") != kind:
+        raise XrdVisionError(
+            f"{model_dir / runs.RUN_INFO}: model is a {run_info.get('model_kind', 'vgg16')}, params say "
+            f"model.kind={kind}: run `dvc repro train` first"
+        )
     runs.setup(params.mlflow)
     classes = class_names(mode)
     rows = read_split(Path(split_dir) / "test.csv")
@@ -186,8 +226,14 @@ def run_evaluate(
         raise XrdVisionError(f"{Path(split_dir) / 'test.csv'}: the test split is empty")
     y = encode_labels(np.array([r[mode] for r in rows]), classes, str(Path(split_dir) / "test.csv"))
     model = load_full_model(model_dir / "model.keras")
-    probs = predict_images(model, [Path(image_dir) / r["image"] for r in rows])
-    metrics = named(classification_metrics(probs, y, classes, params.seed), "test")
+    if kind == "cnn1d":  # the test structures' peak lists, rendered on the model's grid
+        metrics = _cnn1d_figures(model, params, Path(split_dir), y, classes)
+        item = "cod_id"
+    else:
+        probs = predict_images(model, [Path(image_dir) / r["image"] for r in rows])
+        metrics = named(classification_metrics(probs, y, classes, params.seed), "test") | {"_probs": probs}
+        item = "image"
+    probs = metrics.pop("_probs")
     if train_metrics_path is not None and Path(train_metrics_path).is_file():
         tm = json.loads(Path(train_metrics_path).read_text())
         metrics.update(
@@ -203,7 +249,7 @@ def run_evaluate(
         w = csv.writer(fh)
         w.writerow(["image", "actual", "predicted", "p_predicted"])
         for r, t, p, pr in zip(rows, y, pred, probs, strict=True):
-            w.writerow([r["image"], classes[t], classes[p], f"{pr[p]:.4f}"])
+            w.writerow([r[item], classes[t], classes[p], f"{pr[p]:.4f}"])
     with atomic_open(reports_dir / "confusion_matrix.csv", "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(["true\\predicted", *names])

@@ -23,6 +23,7 @@ from xrdvision.config import Params
 from xrdvision.crystal.labels import class_names
 from xrdvision.errors import XrdVisionError
 from xrdvision.formats.atomic import atomic_open, atomic_path, write_json
+from xrdvision.models.classes import check_class_coverage, class_weight_map, encode_labels
 from xrdvision.models.features import load_features
 from xrdvision.tracking import runs
 
@@ -33,49 +34,13 @@ HISTORY_KEYS = ("loss", "accuracy", "top3_accuracy", "val_loss", "val_accuracy",
 INPUT_SETTINGS_FILE = "preprocessing.json"
 INPUT_SETTINGS_FORMAT = 1
 INPUT_SETTINGS: dict[str, tuple[str, ...]] = {
+    "model": ("kind",),
+    "pattern": ("two_theta_min", "two_theta_max", "step", "scale"),
     "simulate": ("wavelength", "kalpha2", "two_theta_min", "two_theta_max", "step", "fwhm", "eta"),
     "labels": ("mode", "symprec", "angle_tolerance"),
     "render": ("size", "line_width"),
     "measured": ("wavelength",),
 }
-
-
-def encode_labels(values: np.ndarray, classes: list[str], where: str) -> np.ndarray:
-    """Class indices for label strings; an unknown label is an error naming the file."""
-    index = {c: i for i, c in enumerate(classes)}
-    unknown = sorted({str(v) for v in values} - set(index))
-    if unknown:
-        raise XrdVisionError(f"{where}: labels not among the classes: {', '.join(unknown[:5])}")
-    return np.array([index[str(v)] for v in values], dtype=np.int64)
-
-
-def check_class_coverage(
-    train_y: np.ndarray, other: dict[str, np.ndarray], classes: list[str], mode: str
-) -> list[str]:
-    """Classes that appear in validation/test but never in training cannot be learned.
-
-    For crystal systems (7 classes, all common) that means the data or split is wrong: an error. For
-    space groups (230 classes, most rare) it is expected on small data: returned as warnings.
-    """
-    seen = set(train_y.tolist())
-    warnings = []
-    for split, y in other.items():
-        missing = sorted({classes[i] for i in set(y.tolist()) - seen})
-        if missing:
-            msg = f"{split} split has classes with no training images: {', '.join(missing[:10])}"
-            if mode == "crystal_system":
-                raise XrdVisionError(f"data/split/train.csv: {msg}")
-            warnings.append(msg + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else ""))
-    return warnings
-
-
-def class_weight_map(y: np.ndarray) -> dict[int, float]:
-    """scikit-learn's 'balanced' weights n / (k * count) for the k classes present (cubic vs triclinic)."""
-    from sklearn.utils.class_weight import compute_class_weight
-
-    present = np.unique(y)
-    weights = compute_class_weight("balanced", classes=present, y=y)
-    return {int(c): float(w) for c, w in zip(present, weights, strict=True)}
 
 
 def epoch_metric_name(keras_key: str) -> str:
@@ -219,6 +184,36 @@ def input_settings(params: Params, classes: list[str]) -> dict[str, Any]:
     return out
 
 
+DATA_DIRS = {
+    "vgg16": ["data/images", "data/split", "data/features"],
+    "cnn1d": ["data/cifs", "data/split", "data/peaklists", "data/generated"],
+}
+
+
+def fit_vgg16(
+    params: Params, features_dir: Path, callbacks: list
+) -> tuple[Any, dict[str, list[float]], dict[str, Any], dict[str, Any], dict[str, str]]:
+    """VGG16's input builder and fit: the tail on cached features. Returns (full model, history, info,
+    metrics, tags)."""
+    train = load_features(features_dir / "train.npz")
+    val = load_features(features_dir / "val.npz")
+    mode = params.labels.mode
+    net, hist, info = fit_tail(
+        params, train, val, extra_callbacks=callbacks, backup_dir=_backup_dir(params, features_dir)
+    )
+    train_m, val_m = tail_metrics(net.tail, train, mode), tail_metrics(net.tail, val, mode)
+    metrics = {
+        "train_accuracy": train_m["accuracy"],
+        "train_loss": train_m["loss"],
+        "val_accuracy": val_m["accuracy"],
+        "val_loss": val_m["loss"],
+        "n_train_images": len(train["features"]),
+        "n_val_images": len(val["features"]),
+    }
+    tags = {"weights_md5": str(train.get("weights_md5", "")), "cut_layer": str(train.get("cut_layer", ""))}
+    return net.full, hist, info, metrics, tags
+
+
 def run_train(
     params: Params,
     features_dir: Path,
@@ -227,62 +222,56 @@ def run_train(
     history_path: Path,
     split_dir: Path = Path("data/split"),
 ) -> dict[str, Any]:
-    """Train, then save the full model, metrics and curves, and log + register the model in MLflow.
+    """Train either model kind, then save the full model, metrics and curves, and log + register it.
 
-    The MLflow run is named by :func:`~xrdvision.tracking.runs.run_name`, described in one line
-    (``mlflow.note.content``), tagged with the git commit and the DVC hashes of its data, and lists the
-    training and validation split tables as its datasets (``split_dir``).
+    One path for both kinds: only the input builder and fit differ (:func:`fit_vgg16` on cached image
+    features, :func:`xrdvision.models.train_cnn1d.fit_cnn1d` on patterns drawn from peak lists). The
+    MLflow run is named by :func:`~xrdvision.tracking.runs.run_name`, described in one line
+    (``mlflow.note.content``), tagged with the model kind, the git commit and the DVC hashes of its
+    data, and lists the training and validation split tables as its datasets (``split_dir``).
     """
     import mlflow
 
     runs.setup(params.mlflow)  # fail now, not after training, if the store does not answer
     features_dir, model_dir, split_dir = Path(features_dir), Path(model_dir), Path(split_dir)
-    train = load_features(features_dir / "train.npz")
-    val = load_features(features_dir / "val.npz")
-    mode = params.labels.mode
+    mode, kind = params.labels.mode, params.model.kind
     classes = class_names(mode)
     runs.use_experiment(params.mlflow)
     with mlflow.start_run(run_name=runs.run_name(params)) as run:
         mlflow.log_params(params.flat())
-        data = runs.data_hashes(["data/images", "data/split", "data/features"])
+        data = runs.data_hashes([d for d in DATA_DIRS[kind] if Path(d).exists()])
         sha = runs.git_sha()
         mlflow.set_tags(
             {
                 runs.NOTE_TAG: runs.run_note(params),
                 "git_commit": runs.git_commit(),
                 **({"mlflow.source.git.commit": sha} if sha else {}),
-                "model_kind": runs.MODEL_KIND,
+                "model_kind": kind,
                 "data_source": runs.data_source(params),
                 "params_hash": runs.params_digest(params),
                 "label_mode": mode,
-                "weights_md5": str(train.get("weights_md5", "")),
-                "cut_layer": str(train.get("cut_layer", "")),
                 **{f"data_md5.{k}": v for k, v in data.items()},
             }
         )
         test_md5 = _log_split_inputs(params, split_dir, {"train": "training", "val": "validation"})
-        backup = _backup_dir(params, features_dir)
-        net, hist, info = fit_tail(
-            params, train, val, extra_callbacks=[mlflow_epoch_callback()], backup_dir=backup
-        )
+        callbacks = [mlflow_epoch_callback()]
+        if kind == "cnn1d":
+            from xrdvision.models.train_cnn1d import fit_and_measure
+
+            full, hist, info, metrics, tags = fit_and_measure(params, split_dir, callbacks)
+        else:
+            full, hist, info, metrics, tags = fit_vgg16(params, features_dir, callbacks)
+        mlflow.set_tags(tags)
         for w in info["warnings"]:
             log.warning("train: %s", w)
-        train_m = tail_metrics(net.tail, train, mode)
-        val_m = tail_metrics(net.tail, val, mode)
-        metrics = {
-            "train_accuracy": train_m["accuracy"],
-            "train_loss": train_m["loss"],
-            "val_accuracy": val_m["accuracy"],
-            "val_loss": val_m["loss"],
+        metrics |= {
             "best_epoch": info["best_epoch"],
             "epochs_run": info["epochs_run"],
             "train_seconds": round(info["seconds"], 1),
-            "n_train_images": len(train["features"]),
-            "n_val_images": len(val["features"]),
         }
         # The per-epoch train_*/val_* curves are logged already; these are about the run as a whole.
-        mlflow.log_metrics({k: float(metrics[k]) for k in ("best_epoch", "epochs_run", "train_seconds")})
-        mlflow.log_metrics({k: float(metrics[k]) for k in ("n_train_images", "n_val_images")})
+        whole = [k for k in metrics if not k.startswith(("train_acc", "train_loss", "val_"))]
+        mlflow.log_metrics({k: float(metrics[k]) for k in whole})
         mlflow.set_tag(
             runs.NOTE_TAG,
             runs.run_note(
@@ -293,11 +282,11 @@ def run_train(
         )
         model_path = model_dir / "model.keras"
         with atomic_path(model_path, suffix=".keras") as tmp:
-            net.full.save(tmp)
+            full.save(tmp)
         settings = input_settings(params, classes)
         write_json(model_dir / "classes.json", {"mode": mode, "classes": classes})
         write_json(model_dir / INPUT_SETTINGS_FILE, settings)
-        logged = log_and_register(net.full, params, classes, step=info["best_epoch"])
+        logged = log_and_register(full, params, classes, step=info["best_epoch"])
         if test_md5:
             mlflow.MlflowClient().set_model_version_tag(
                 logged["registered_model"], logged["version"], runs.TEST_SPLIT_TAG, test_md5
@@ -315,6 +304,7 @@ def run_train(
             "model_uri": logged["model_uri"],
             "model_id": logged["model_id"],
             "label_mode": mode,
+            "model_kind": kind,
         }
         runs.write_run_info(model_dir / runs.RUN_INFO, info_out)
     return {**metrics, **info_out}
@@ -360,8 +350,7 @@ def log_and_register(
 
     mode = params.labels.mode
     registered = runs.registered_model_name(params.mlflow, mode)
-    example = np.zeros((1, 224, 224, 3), dtype=np.float32)
-    example[0, 200:, :, :] = 255.0  # a flat white baseline, as a rendered empty pattern looks
+    example = input_example(params)
     signature = infer_signature(example, np.asarray(full_model.predict(example, verbose=0)))
     info = mlflow.tensorflow.log_model(
         full_model,
@@ -370,7 +359,7 @@ def log_and_register(
         input_example=example,
         pip_requirements=_pip_requirements(),
         metadata={"classes": classes, "label_mode": mode, "preprocessing": input_settings(params, classes)},
-        tags={"label_mode": mode, "model_kind": runs.MODEL_KIND, "params_hash": runs.params_digest(params)},
+        tags={"label_mode": mode, "model_kind": params.model.kind, "params_hash": runs.params_digest(params)},
         step=step,
     )
     mv = mlflow.register_model(info.model_uri, registered)
@@ -380,6 +369,7 @@ def log_and_register(
     client.set_model_version_tag(registered, version, "label_mode", mode)
     client.set_model_version_tag(registered, version, "classes", json.dumps(classes))
     client.set_model_version_tag(registered, version, "model_id", info.model_id)
+    client.set_model_version_tag(registered, version, "model_kind", params.model.kind)
     return {
         "registered_model": registered,
         "version": version,
@@ -387,6 +377,20 @@ def log_and_register(
         "model_id": info.model_id,
         "logged_model_uri": info.model_uri,
     }
+
+
+def input_example(params: Params) -> np.ndarray:
+    """One input as the model takes it: a rendered empty pattern (VGG16: a white baseline on black,
+    224 x 224 x 3) or a 1-D pattern with one line (cnn1d: grid points x 1)."""
+    if params.model.kind == "cnn1d":
+        from xrdvision.data.measurement import grid
+
+        example = np.zeros((1, grid(params.pattern).size, 1), dtype=np.float32)
+        example[0, example.shape[1] // 3, 0] = 1.0
+        return example
+    example = np.zeros((1, 224, 224, 3), dtype=np.float32)
+    example[0, 200:, :, :] = 255.0
+    return example
 
 
 def _pip_requirements() -> list[str]:

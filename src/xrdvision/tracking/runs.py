@@ -157,7 +157,6 @@ def read_run_info(path: Path) -> dict[str, Any]:
 # What a run is called and what it says about itself in the MLflow UI
 # --------------------------------------------------------------------------------------------------
 
-MODEL_KIND = "vgg16"
 NOTE_TAG = "mlflow.note.content"  # the run page's description
 TEST_SPLIT_TAG = "test_split_md5"  # the test split a run (and its model version) was scored on
 # Keys that say where a run is logged or how fast it goes, not what is trained: left out of the hash.
@@ -185,18 +184,27 @@ def data_source(params: Params) -> str:
         src = f"folder-{Path(params.ingest.folder).name or 'cifs'}"
     if params.synth.per_system:
         src += f"+synth{params.synth.per_system}"
+    extra = [s for s in params.split.train_sources if s != "cod"]
+    if extra:  # what else training drew on; "cod" dropped when COD's training split is not used
+        sizes = {"mp": params.mp.max_structures, "synth": params.generate.n_crystals}
+        names = [f"{s}{sizes[s]}" if sizes[s] else s for s in extra]
+        src = "+".join(([src] if "cod" in params.split.train_sources else []) + names)
     return src
 
 
 def architecture(params: Params) -> str:
-    """``head128`` (frozen convolutions, Dense 128) or ``conv3-head256`` (3 conv layers trained too)."""
+    """``head128`` (frozen convolutions, Dense 128) or ``conv3-head256`` (3 conv layers trained too);
+    for the 1-D model ``resnet16x4-k7`` (architecture, width x depth, kernel)."""
+    if params.model.kind == "cnn1d":
+        c = params.cnn1d
+        return f"{c.architecture}{c.width}x{c.depth}-k{c.kernel}"
     head = "head" + "x".join(str(w) for w in params.model.dense)
     return head if params.model.trainable_conv == 0 else f"conv{params.model.trainable_conv}-{head}"
 
 
 def run_name(params: Params, extra: str = "") -> str:
     """``vgg16-crystal_system-embedded-head128-lr1.6e-3[-extra]-<hash>``: a list of runs tells them apart."""
-    parts = [MODEL_KIND, params.labels.mode, data_source(params), architecture(params)]
+    parts = [params.model.kind, params.labels.mode, data_source(params), architecture(params)]
     parts += [
         f"lr{short_float(params.train.learning_rate)}",
         *([extra] if extra else []),
@@ -208,6 +216,16 @@ def run_name(params: Params, extra: str = "") -> str:
 def run_note(params: Params, summary: str = "") -> str:
     """The run's one-line description (``mlflow.note.content``)."""
     m = params.model
+    if m.kind == "cnn1d":
+        c, g = params.cnn1d, params.pattern
+        line = (
+            f"1-D CNN ({c.architecture}, width {c.width}, depth {c.depth}, kernel {c.kernel}, dropout "
+            f"{c.dropout:g}) {params.labels.mode.replace('_', ' ')} classifier on {data_source(params)} "
+            f"peak lists, patterns drawn on the fly on {g.two_theta_min:g}-{g.two_theta_max:g} deg at "
+            f"{g.step:g} deg ({g.scale}); Adam lr {short_float(params.train.learning_rate)}, batch "
+            f"{params.train.batch_size}, up to {params.train.epochs} epochs"
+        )
+        return f"{line}; {summary}" if summary else line
     frozen = (
         "all conv layers frozen" if m.trainable_conv == 0 else f"top {m.trainable_conv} conv layers trained"
     )
