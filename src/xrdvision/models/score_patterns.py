@@ -28,6 +28,26 @@ def clean_batch(table: PeakTable, idx: np.ndarray, params: Params, x: np.ndarray
     return measurement.scale_intensity(y, params.pattern.scale)[..., None]
 
 
+def clean_pattern(
+    record: dict[str, Any], settings: Any, params: Params, x: np.ndarray, name: str
+) -> np.ndarray:
+    """One structure (a batch-simulator record) as the 1-D model's input (points, 1), rendered as
+    :func:`clean_batch` renders the test structures; a structure that gives no peak list is an
+    :class:`~xrdvision.errors.InputError` naming ``name``."""
+    from xrdvision.crystal.powder import simulate_batch
+    from xrdvision.errors import InputError
+
+    batch = simulate_batch([record], settings, source=name)
+    if batch.errors:
+        raise InputError(name, batch.errors[0].split(": ", 1)[-1])
+    s = params.simulate
+    lines = measurement.Lines(
+        np.zeros(len(batch.two_theta), np.int64), batch.two_theta, batch.intensity, None
+    )
+    y = measurement.clean_patterns(lines, 1, x, s.fwhm, s.eta, s.kalpha2, settings.wavelength)
+    return measurement.scale_intensity(y, params.pattern.scale)[0][:, None]
+
+
 def pattern_probabilities(model: Any, table: PeakTable, params: Params, batch_size: int = 256) -> np.ndarray:
     """Class probabilities of every structure of ``table``, rendered ``batch_size`` at a time."""
     x = measurement.grid(params.pattern)

@@ -1,4 +1,10 @@
-"""Files to model images: a CIF, a measured pattern or a ready image becomes the image the model learnt from.
+"""Files to model inputs: a CIF, a measured pattern or a ready image becomes what the model learnt from.
+
+For a 1-D model (``model.kind: cnn1d``) the input is the pattern on its fine grid instead of an image:
+a CIF's peak list from the batch simulator rendered as the evaluate stage renders the COD test
+structures (:mod:`xrdvision.models.score_patterns`), a measured scan through the same preprocessing as
+for images but onto the model's grid, zero where it was not measured (as the range cuts in training),
+then scaled as in training; an image is refused in one line (such a model reads patterns).
 
 Every input goes through the training code itself: a CIF through
 :func:`xrdvision.data.simulate.simulate_file` and the same :class:`~xrdvision.data.render.Renderer`
@@ -11,6 +17,7 @@ it is. :func:`error_line` is how a file that failed is reported: one line naming
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +57,7 @@ def input_kind(path: str | Path) -> str:
 class Prepared:
     """One input as the model's image, with what we learnt on the way."""
 
-    image: np.ndarray  # (size, size, 3) uint8 or float32 in 0-255
+    image: np.ndarray  # the model's input: an image (size, size, 3) in 0-255, or a pattern (points, 1)
     kind: str
     reference: dict[str, str] = field(default_factory=dict)  # a CIF's own labels (spglib)
     notes: list[str] = field(default_factory=list)
@@ -59,12 +66,24 @@ class Prepared:
 class Preparer:
     """Turns files into model images with the training settings (one renderer per instance)."""
 
-    def __init__(self, params: Params, image_size: int | None = None) -> None:
+    def __init__(self, params: Params, image_size: int | None = None, model_kind: str | None = None) -> None:
         from xrdvision.crystal.profile import grid
         from xrdvision.data.render import Renderer
 
         sim = params.simulate
         self.params = params
+        self.kind = model_kind or params.model.kind
+        if self.kind == "cnn1d":
+            from xrdvision.data.measurement import grid as pattern_grid
+
+            self.pattern_grid = pattern_grid(params.pattern)
+            if image_size is not None and image_size != self.pattern_grid.size:
+                g = params.pattern
+                raise XrdVisionError(
+                    f"pattern grid {g.two_theta_min:g}-{g.two_theta_max:g} deg at {g.step:g} deg has "
+                    f"{self.pattern_grid.size} points, but the model takes {image_size}"
+                )
+            return
         self.size = int(image_size or params.render.size)
         if self.size != params.render.size:
             raise XrdVisionError(
@@ -78,6 +97,8 @@ class Preparer:
     def cif(self, path: Path) -> Prepared:
         from xrdvision.data.simulate import simulate_file
 
+        if self.kind == "cnn1d":
+            return self._cif_pattern(path)
         with contextlib.redirect_stdout(sys.stderr):  # keep stdout clean for --json / --csv
             record = simulate_file(path, self.params.simulate, self.params.labels)
         assert record.pattern is not None and record.labels is not None
@@ -89,14 +110,39 @@ class Preparer:
     ) -> Prepared:
         pattern = read_pattern(path, wavelength)
         default = default_wavelength if default_wavelength is not None else self.params.measured.wavelength
-        y = to_training_grid(pattern, self.params.simulate, default_wavelength=default)
+        sim = self.params.simulate
+        if self.kind == "cnn1d":  # the same preprocessing, onto the model's own grid
+            g = self.params.pattern
+            sim = dataclasses.replace(
+                sim, two_theta_min=g.two_theta_min, two_theta_max=g.two_theta_max, step=g.step
+            )
+        y = to_training_grid(pattern, sim, default_wavelength=default)
         wl = pattern.wavelength if pattern.wavelength is not None else default
         notes = [f"wavelength {wl:g} A ({pattern.wavelength_from or 'default'})", *pattern.notes]
+        if self.kind == "cnn1d":
+            from xrdvision.data.measurement import scale_intensity
+
+            return Prepared(scale_intensity(y, self.params.pattern.scale)[:, None], "pattern", notes=notes)
         return Prepared(self.renderer.render(self.grid, y), "pattern", notes=notes)
+
+    def _cif_pattern(self, path: Path) -> Prepared:
+        """A CIF on the 1-D model's grid: its batch-simulated peak list, rendered noiselessly."""
+        from xrdvision.data.cod_set import read_cod_entry
+        from xrdvision.data.peak_table import powder_settings
+        from xrdvision.models.score_patterns import clean_pattern
+
+        entry = read_cod_entry(path, self.params.labels.symprec, self.params.labels.angle_tolerance)
+        ref = {"crystal_system": entry["crystal_system"], "space_group": str(entry["space_group"])}
+        x = clean_pattern(
+            entry["record"], powder_settings(self.params), self.params, self.pattern_grid, str(path)
+        )
+        return Prepared(x, "cif", ref)
 
     def image(self, path: Path) -> Prepared:
         from xrdvision.models.features import load_image
 
+        if self.kind == "cnn1d":
+            raise InputError(path, "this model reads patterns, not images: pass a CIF or a measured scan")
         return Prepared(load_image(path, self.size), "image")
 
     def __call__(

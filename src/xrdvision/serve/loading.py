@@ -66,10 +66,18 @@ class LoadedModel:
 
     @property
     def image_size(self) -> int:
+        """Pixels per side of an image model's input; grid points of a 1-D model's."""
         return int(self.model.input_shape[1])
 
+    @property
+    def model_kind(self) -> str:
+        """``vgg16`` or ``cnn1d``: from the stored input settings, else from the input's rank."""
+        stored = ((self.settings or {}).get("model") or {}).get("kind")
+        return str(stored) if stored else ("cnn1d" if len(self.model.input_shape) == 3 else "vgg16")
+
     def predict(self, images: np.ndarray, batch_size: int = 16, progress: bool = False) -> np.ndarray:
-        """Class probabilities ``(n, n_classes)`` of raw 0-255 RGB images ``(n, size, size, 3)``."""
+        """Class probabilities ``(n, n_classes)`` of raw 0-255 RGB images ``(n, size, size, 3)``, or of
+        patterns ``(n, points, 1)`` for a 1-D model."""
         from tqdm import tqdm
 
         out = []

@@ -81,7 +81,7 @@ def predict_files(
         raise XrdVisionError(f"--top-k: must be >= 1 (got {top_k})")
     show = logger.isEnabledFor(logging.INFO) if progress is None else progress
     lm = model or load_model(params, model_uri)
-    prep = Preparer(lm.input_params(params), lm.image_size)
+    prep = Preparer(lm.input_params(params), lm.image_size, lm.model_kind)
     k = min(top_k, len(lm.classes))
     results: list[Prediction] = []
     pending: list[tuple[int, np.ndarray]] = []
@@ -217,11 +217,12 @@ def serving_payload(
     wavelength: float | None = None,
     model: LoadedModel | None = None,
 ) -> dict[str, Any]:
-    """The JSON body for ``mlflow models serve``'s ``/invocations``: ``{"inputs": [image]}``.
+    """The JSON body for ``mlflow models serve``'s ``/invocations``: ``{"inputs": [input]}``.
 
-    The image is the one :func:`predict_files` would classify (CIF simulated and rendered, pattern
+    The input is the one :func:`predict_files` would classify (CIF simulated and rendered, pattern
     converted and rendered, image as is), as float 0-255 RGB of shape (1, size, size, 3), since the
-    served model carries VGG16's preprocessing itself. With ``model`` the input is prepared with the
+    served model carries VGG16's preprocessing itself; for a 1-D model the scaled pattern (1, points,
+    1). With ``model`` the input is prepared with the
     settings stored with it, else with ``params``.
     """
     settings = model.input_params(params) if model is not None else params
