@@ -1,4 +1,5 @@
-"""Measured powder scans on disk: the one home of the two-column text format (xy, csv, dat, RRUFF txt).
+"""Measured powder scans on disk: the one home of the two-column text format (xy, csv, dat, RRUFF txt)
+and of the checks every measured scan gets, whatever its format (vendor files: :mod:`.scan_readers`).
 
 Reading is deliberately tolerant of the ways people write such files (comments with ``#``, ``;``, ``!``
 or ``%``, a text header, RRUFF ``##KEY=value`` headers, commas, semicolons, tabs, decimal commas, extra
@@ -20,14 +21,15 @@ import numpy as np
 
 from xrdvision.crystal.bragg import CU_KA1, CU_KA_AVERAGE
 from xrdvision.errors import InputError
+from xrdvision.formats.scan_readers import READERS
 
-# File name endings read as two-column text. Anything else is refused: a vendor binary (.raw, .brml)
-# read as text would give nonsense numbers rather than an error.
-PATTERN_SUFFIXES = (".xy", ".xye", ".csv", ".dat", ".txt", ".asc")
+# File name endings read as two-column text, and those with a reader of their own (PANalytical XRDML).
+# Anything else is refused: a vendor binary (.raw, .brml) read as text gives nonsense, not an error.
+TEXT_SUFFIXES = (".xy", ".xye", ".csv", ".dat", ".txt", ".asc")
+PATTERN_SUFFIXES = (*TEXT_SUFFIXES, *READERS)
 VENDOR_FORMATS = {
-    ".raw": "Bruker/Rigaku RAW is a binary format",
+    ".raw": "Bruker/Rigaku RAW is a binary format with no maintained reader here",
     ".brml": "Bruker BRML is a zipped XML format",
-    ".xrdml": "PANalytical XRDML is an XML format",
     ".rd": "Philips RD is a binary format",
     ".sd": "Philips SD is a binary format",
 }
@@ -136,12 +138,12 @@ def _read_text(path: Path) -> str:
     suffix = path.suffix.lower()
     if path.is_dir():
         raise InputError(path, "is a folder, not a pattern file")
-    if suffix not in PATTERN_SUFFIXES:
+    if suffix not in TEXT_SUFFIXES:
         hint = VENDOR_FORMATS.get(suffix, "unknown format")
         raise InputError(
             path,
             f"{hint} ({suffix or 'no extension'}); export the pattern as two-column text "
-            f"({', '.join(PATTERN_SUFFIXES)})",
+            f"({', '.join(TEXT_SUFFIXES)}) or PANalytical XRDML",
         )
     try:
         data = path.read_bytes()
@@ -251,7 +253,8 @@ def _parse(text: str, path: Path) -> tuple[list[str], np.ndarray]:
 
 
 def read_pattern(path: str | Path, wavelength: float | None = None) -> MeasuredPattern:
-    """Read a two-column (2-theta, intensity) text pattern; see the module docstring for what is accepted.
+    """Read a measured pattern: two-column (2-theta, intensity) text, or a vendor file with a reader in
+    :data:`~xrdvision.formats.scan_readers.READERS` (``.xrdml``); see the module docstring.
 
     ``wavelength`` (Angstrom), when given, overrides the file's header: the user knows their instrument
     better than a header written by someone else's software. Otherwise a wavelength in the header is
@@ -260,14 +263,24 @@ def read_pattern(path: str | Path, wavelength: float | None = None) -> MeasuredP
     background); deeper ones, or a mostly negative pattern, are an error.
     """
     path = Path(path)
-    header, data = _parse(_read_text(path), path)
-    tt, y = data[:, 0].copy(), data[:, 1].copy()
+    reader = READERS.get(path.suffix.lower())
+    if reader is not None and not path.is_dir():
+        raw = reader(path)
+        tt, y = raw.two_theta.copy(), raw.intensity.copy()
+        header: list[str] = []
+        file_wavelength, file_notes = raw.wavelength, raw.notes
+    else:
+        header, data = _parse(_read_text(path), path)
+        tt, y = data[:, 0].copy(), data[:, 1].copy()
+        file_wavelength, file_notes = None, ()
+    if tt.size == 0:
+        raise InputError(path, "no data points")
     bad = ~(np.isfinite(tt) & np.isfinite(y))
     if bad.any():
         raise InputError(
             path, f"{int(bad.sum())} non-finite value(s) (nan/inf), first at data row {np.argmax(bad) + 1}"
         )
-    notes: list[str] = []
+    notes: list[str] = list(file_notes)
     if not (tt.min() > 0 and tt.max() < 180):
         raise InputError(
             path,
@@ -309,7 +322,7 @@ def read_pattern(path: str | Path, wavelength: float | None = None) -> MeasuredP
         wl: float | None = float(wavelength)
         wavelength_from = "argument"
     else:
-        wl = header_wavelength(header, path)
+        wl = file_wavelength if file_wavelength is not None else header_wavelength(header, path)
         wavelength_from = "file" if wl is not None else ""
     return MeasuredPattern(
         two_theta=tt,
