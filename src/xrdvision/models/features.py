@@ -84,6 +84,12 @@ def run_features(
     from xrdvision.formats.tables import read_synth_train
     from xrdvision.models.vgg16 import build_model, resolve_weights, weights_fingerprint
 
+    if params.model.kind != "vgg16":  # a 1-D model draws its inputs from peak lists: nothing to cache
+        for stale in Path(out_dir).glob("*.npz"):
+            stale.unlink()
+        summary = {"skipped_stage": f"model.kind={params.model.kind} reads no image features", "splits": {}}
+        write_json(Path(out_dir) / "summary.json", summary | {"skipped": [], "n_synthetic_train_images": 0})
+        return summary | {"cut_layer": "none", "skipped": [], "n_synthetic_train_images": 0}
     lists = {s: read_split(Path(split_dir) / f"{s}.csv") for s in SPLITS}
     for s, rows in lists.items():
         if not rows:
