@@ -76,8 +76,12 @@ def pattern_batches(table: PeakTable, y: np.ndarray, params: Params, x: np.ndarr
 
 
 def split_holdout(params: Params, table: PeakTable) -> tuple[PeakTable, PeakTable]:
-    """(training structures, held-out structures): whole compounds, ``pattern.holdout_share`` of them."""
-    mask = holdout_mask(table, params.pattern.holdout_share, params.seed)
+    """(training structures, held-out structures): whole compounds, ``pattern.holdout_share`` of them
+    (more for a small source, see below)."""
+    # A small source (COD's ~500 training structures) would hold out a handful of compounds at 2 %: at
+    # least 30 structures' worth of compounds (or a fifth of the source) are held out then.
+    share = max(params.pattern.holdout_share, min(0.2, 30 / max(len(table), 1)))
+    mask = holdout_mask(table, share, params.seed)
     if mask.all() or not mask.any():
         raise XrdVisionError(
             f"pattern.holdout_share={params.pattern.holdout_share}: {int(mask.sum())} of {len(table)} "
