@@ -252,3 +252,58 @@ def test_mp_structures_without_the_folder_writes_nothing(pipeline: dict[str, Any
     with pytest.raises(InputError, match=r"nope: generate\.mp_structures > 0 but mp\.folder is not a folder"):
         run(p, pipeline, tmp_path)
     assert not list((tmp_path / "out").glob("*"))
+
+
+_KILLED_RUN = """
+import sys
+from pathlib import Path
+from xrdvision.config import parse_params
+from xrdvision.data.generate import run_generate
+p = parse_params({"generate": {"workers": 1, "shard_size": 10, "n_crystals": 300}})
+a = [Path(x) for x in sys.argv[1:]]
+run_generate(p, a[0], a[1], a[2], a[3], a[4], a[5], a[6])
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_leaves_whole_shards_and_the_rerun_resumes(
+    pipeline: dict[str, Any], tmp_path: Path, caplog: Any
+) -> None:
+    """As ``dvc exp run`` after an interrupt: shards of the killed run survive in the work folder (outside
+    the DVC output, which dvc clears), whole, and the rerun builds only the others."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out, work = tmp_path / "out", tmp_path / "cache" / "generate"
+    paths = [
+        pipeline["cifs"],
+        pipeline["split"],
+        pipeline["patterns"],
+        out,
+        tmp_path / "m.json",
+        tmp_path / "plots",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_RUN, *map(str, paths), str(work)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(list(work.glob("synth-*.npz"))) < 3:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    written = sorted(work.glob("synth-*.npz"))
+    assert 3 <= len(written) < 30, "the run should have been killed part way"
+    for path in written:
+        read_shard(path)
+    shutil.rmtree(out, ignore_errors=True)
+    p = parse_params({"generate": {"workers": 1, "shard_size": 10, "n_crystals": 300}})
+    with caplog.at_level(logging.INFO, logger="xrdvision"):
+        run_generate(p, *paths, work)
+    assert f"resuming: {len(written)} of 30 shards already done" in caplog.text
+    assert not work.exists() and len(list(out.glob("synth-*.npz"))) == 30

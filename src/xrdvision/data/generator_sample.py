@@ -211,6 +211,7 @@ class Sampler:
         if self.min_distance <= 0:
             return np.concatenate([t.orbit(j, rng.random(3)) for j in sites])
         lattice = cholesky_sym3(metric(cell))
+        limit = self.min_distance**2
         placed = np.zeros((0, 3))
         for j in sites:
             for _ in range(MAX_TRIES):
@@ -218,9 +219,10 @@ class Sampler:
                 both = np.concatenate([placed, new])
                 delta = new[:, None, :] - both[None, :, :]
                 delta -= np.round(delta)
-                dist = np.linalg.norm(delta @ lattice, axis=2)
-                dist[:, len(placed) :][np.eye(len(new), dtype=bool)] = np.inf
-                if dist.min(initial=np.inf) >= self.min_distance:
+                cart = delta @ lattice
+                d2 = np.einsum("ijk,ijk->ij", cart, cart)
+                d2[:, len(placed) :][np.eye(len(new), dtype=bool)] = np.inf
+                if d2.min(initial=np.inf) >= limit:
                     break
             else:
                 return None
