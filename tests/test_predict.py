@@ -544,7 +544,7 @@ def test_evaluate_measured_on_real_patterns(trained, loaded, tmp_path, caplog):
     assert len(skipped) == 2 and "not_there.xy: file not found" in skipped[0] and "corrupt.xy" in skipped[1]
     # the report tables keep the csv module's row ending
     head = (out / "predictions.csv").read_bytes().split(b"\n", 1)[0]
-    assert head == b"file,source,actual,predicted,p_predicted,p_actual,top3,correct\r"
+    assert head == b"file,source,half,actual,predicted,p_predicted,p_actual,top3,correct\r"
 
     matrix = list(csv.reader((out / "confusion_matrix.csv").read_text().splitlines()))
     assert sum(int(v) for r in matrix[1:] for v in r[1:]) == 5

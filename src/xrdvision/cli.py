@@ -209,9 +209,9 @@ def cmd_predict(p: Params | None, a: argparse.Namespace) -> int:
 
 
 def cmd_evaluate_measured(p: Params, a: argparse.Namespace) -> None:
-    from xrdvision.serve.evaluate_measured import run_evaluate_measured
+    from xrdvision.serve.evaluate_measured import half_line, run_evaluate_measured
 
-    m = run_evaluate_measured(p, a.models, Path(a.metrics), Path(a.out))
+    m = run_evaluate_measured(p, a.models, Path(a.metrics), Path(a.out), a.split)
     if m.get("skipped"):
         print(f"evaluate_measured: skipped: {m['reason']}")
         return
@@ -222,6 +222,14 @@ def cmd_evaluate_measured(p: Params, a: argparse.Namespace) -> None:
         f"{m['measured_top3_accuracy']:.3f}; {m['n_failed']} failed; {m['n_unlabelled']} unlabelled; "
         f"reports: {a.out}"
     )
+    if "report_half_accuracy" in m:
+        print(half_line(m))
+
+
+def cmd_measure_scans(p: Params, a: argparse.Namespace) -> None:
+    from xrdvision.serve.measured_stats import run_measure_scans, summary_line
+
+    print(summary_line(run_measure_scans(p, Path(a.metrics), Path(a.out)), a.out))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -396,6 +404,14 @@ def build_parser() -> argparse.ArgumentParser:
         models="models",
         metrics="metrics/measured.json",
         out="plots/measured",
+        split="data/measured_split.csv",
+    )
+    add(
+        "measure_scans",
+        cmd_measure_scans,
+        "Line widths, K-alpha2, noise, background, range of the measured patterns beside the conditions'.",
+        metrics="metrics/measured_data.json",
+        out="plots/measured_data",
     )
     return parser
 

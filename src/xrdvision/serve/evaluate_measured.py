@@ -5,6 +5,13 @@ classified; the figures (accuracy with a bootstrap confidence interval, top-3, m
 per class, a confusion matrix) are written for DVC and logged to MLflow. Every figure is named
 ``measured_*`` (``measured_accuracy``, ``measured_balanced_accuracy``, ...) in ``metrics/measured.json``
 and in MLflow, where they are linked to the model's logged model and to ``INDEX.csv`` as a dataset.
+
+The measured set is split by mineral into a tuning half and a report half (``data/measured_split.csv``,
+:mod:`xrdvision.serve.measured_split`): every overall figure is also given for each half
+(``tuning_half_accuracy``, ``report_half_accuracy``, ``report_half_balanced_accuracy``, ...), so that
+choices made by looking at the tuning half are judged on the report half only. ``measured_ece`` is the
+expected calibration error of the probabilities the model gives (:mod:`xrdvision.models.calibration`;
+calibrated once the model carries a fitted temperature).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from xrdvision.formats.atomic import write_json
 from xrdvision.formats.tables import read_table, write_table
 from xrdvision.serve.inputs import Preparer, error_line
 from xrdvision.serve.loading import LoadedModel, load_model
+from xrdvision.serve.measured_split import HALVES, read_split
 from xrdvision.tracking import runs
 
 logger = logging.getLogger(__name__)
@@ -63,17 +71,16 @@ def _source_of(file: str) -> str:
 def measured_metrics(
     probs: np.ndarray, y: np.ndarray, sources: list[str], classes: list[str], seed: int
 ) -> dict[str, Any]:
-    """Overall figures (accuracy with a 95 % bootstrap CI, balanced accuracy, top-3, macro F1, loss), per
-    source and per true class, plus the majority-class baseline (what always answering the commonest
-    class scores). Overall figures are named ``measured_*``; counts and the nested tables are not."""
-    from xrdvision.models.evaluate import bootstrap_ci, classification_metrics, named
+    """Overall figures (accuracy with a 95 % bootstrap CI, balanced accuracy, top-3, macro F1, loss,
+    expected calibration error), per source and per true class, plus the majority-class baseline (what
+    always answering the commonest class scores). Overall figures are named ``measured_*``; counts and
+    the nested tables are not."""
+    from xrdvision.models.evaluate import bootstrap_ci, named
 
     pred = probs.argmax(axis=1)
     correct = (pred == y).astype(np.float64)
-    out = classification_metrics(probs, y, classes, seed)
-    out["n"] = out.pop("n_test")
+    out = overall_figures(probs, y, classes, seed)
     counts = np.bincount(y, minlength=len(classes))
-    out["majority_baseline_accuracy"] = float(counts.max() / len(y))
     per_source: dict[str, Any] = {}
     for s in sorted(set(sources)):
         mask = np.array([x == s for x in sources])
@@ -98,8 +105,53 @@ def measured_metrics(
     return named(out, "measured")
 
 
+def overall_figures(probs: np.ndarray, y: np.ndarray, classes: list[str], seed: int) -> dict[str, Any]:
+    """Accuracy (95 % CI), balanced accuracy, top-3, macro F1, loss, expected calibration error and
+    the majority-class baseline, under bare names (``accuracy``, ``ece``, ``n``)."""
+    from xrdvision.models.calibration import expected_calibration_error
+    from xrdvision.models.evaluate import classification_metrics
+
+    out = classification_metrics(probs, y, classes, seed)
+    out["n"] = out.pop("n_test")
+    out["ece"] = expected_calibration_error(probs, y)
+    out["majority_baseline_accuracy"] = float(np.bincount(y).max() / len(y))
+    return out
+
+
+def half_metrics(
+    probs: np.ndarray, y: np.ndarray, halves: list[str], classes: list[str], seed: int
+) -> dict[str, Any]:
+    """The overall figures of each half: ``tuning_half_accuracy``, ``report_half_balanced_accuracy``,
+    ``report_half_ece``, ... and ``n_tuning_half`` / ``n_report_half`` (a half with no pattern: n = 0
+    and no figures)."""
+    out: dict[str, Any] = {}
+    for h in HALVES:
+        mask = np.array([x == h for x in halves], dtype=bool)
+        out[f"n_{h}_half"] = int(mask.sum())
+        if not mask.any():
+            continue
+        figures = overall_figures(probs[mask], y[mask], classes, seed)
+        figures.pop("n")
+        out.update({f"{h}_half_{k}": v for k, v in figures.items()})
+    return out
+
+
+def half_line(m: dict[str, Any]) -> str:
+    """The CLI's line for the two halves."""
+    return (
+        f"evaluate_measured: report half {m['report_half_accuracy']:.3f} (balanced "
+        f"{m['report_half_balanced_accuracy']:.3f}, n={m['n_report_half']}), tuning half "
+        f"{m['tuning_half_accuracy']:.3f} (balanced {m['tuning_half_balanced_accuracy']:.3f}, "
+        f"n={m['n_tuning_half']}); ECE {m['measured_ece']:.3f}"
+    )
+
+
 def run_evaluate_measured(
-    params: Params, model_uri_or_dir: str | Path, out_metrics: str | Path, out_dir: str | Path
+    params: Params,
+    model_uri_or_dir: str | Path,
+    out_metrics: str | Path,
+    out_dir: str | Path,
+    split: str | Path | None = None,
 ) -> dict[str, Any]:
     """The model on ``params.measured.folder``/``index``: metrics for DVC, reports, MLflow.
 
@@ -113,6 +165,8 @@ def run_evaluate_measured(
     the MLflow run that trained the model (``measured_*`` metrics, ``measured/`` artifacts, and
     ``measured_accuracy`` on the registered version) or, for a model with no known run, to a new
     ``evaluate-measured`` run. An empty ``measured.folder`` writes ``{"skipped": true, ...}`` only.
+    ``split`` (the tuning/report table) adds the figures of each half; a pattern it does not list
+    counts in the whole only (``n_not_in_split``); a missing file gives the whole only, and says so.
     """
     from tqdm import tqdm
 
@@ -132,6 +186,9 @@ def run_evaluate_measured(
         write_json(out_metrics, metrics)
         return metrics
     rows = _index_rows(folder, mp.index)
+    half_of = read_split(Path(split)) if split and Path(split).is_file() else {}
+    if split and not half_of:
+        logger.warning("evaluate_measured: no split table %s: figures for the whole set only", split)
     lm = load_model(params, str(model_uri_or_dir))
     mode = lm.label_mode
     if mode not in ("crystal_system", "space_group"):
@@ -139,7 +196,7 @@ def run_evaluate_measured(
             f"{lm.uri}: classes are not a known label mode; cannot score against INDEX labels"
         )
     index_of = {c: i for i, c in enumerate(lm.classes)}
-    prep = Preparer(lm.input_params(params), lm.image_size)
+    prep = Preparer(lm.input_params(params), lm.image_size, lm.model_kind)
     show = logger.isEnabledFor(logging.INFO)  # the CLI's --quiet hides the progress bars too
     logger.info(
         "evaluate_measured: %d INDEX rows in %s; model %s (classes: %s)",
@@ -179,6 +236,11 @@ def run_evaluate_measured(
     y = np.array([index_of[_label(r, mode)] for r in kept])
     sources = [_source_of(r["file"]) for r in kept]
     metrics = measured_metrics(probs, y, sources, lm.classes, params.seed)
+    halves = [half_of.get(r["file"], "") for r in kept]
+    if half_of:
+        metrics.update(half_metrics(probs, y, halves, lm.classes, params.seed))
+        metrics["n_not_in_split"] = sum(1 for h in halves if not h)
+    metrics["split"] = str(split) if half_of else ""
     metrics = {
         "skipped": False,
         "label_mode": mode,
@@ -191,7 +253,7 @@ def run_evaluate_measured(
         "warnings": lm.warnings,
     }
     pred = probs.argmax(axis=1)
-    _write_measured_reports(out_dir, kept, probs, y, pred, sources, lm.classes, failures, metrics)
+    _write_measured_reports(out_dir, kept, probs, y, pred, sources, halves, lm.classes, failures, metrics)
     present = sorted(set(y.tolist()) | set(pred.tolist()))
     names = [lm.classes[i] for i in present]
     matrix = confusion(y, pred, len(lm.classes))[np.ix_(present, present)]
@@ -218,18 +280,19 @@ def _write_measured_reports(
     y: np.ndarray,
     pred: np.ndarray,
     sources: list[str],
+    halves: list[str],
     classes: list[str],
     failures: list[tuple[str, str]],
     metrics: dict[str, Any],
 ) -> None:
-    def prediction_row(r: dict[str, str], s: str, t: int, p: int, pr: np.ndarray) -> list[Any]:
+    def prediction_row(r: dict[str, str], s: str, h: str, t: int, p: int, pr: np.ndarray) -> list[Any]:
         top3 = ";".join(classes[i] for i in np.argsort(-pr, kind="stable")[:3])
-        return [r["file"], s, classes[t], classes[p], f"{pr[p]:.4f}", f"{pr[t]:.4f}", top3, int(t == p)]
+        return [r["file"], s, h, classes[t], classes[p], f"{pr[p]:.4f}", f"{pr[t]:.4f}", top3, int(t == p)]
 
     write_table(
         out_dir / "predictions.csv",
-        ["file", "source", "actual", "predicted", "p_predicted", "p_actual", "top3", "correct"],
-        (prediction_row(*x) for x in zip(rows, sources, y, pred, probs, strict=True)),
+        ["file", "source", "half", "actual", "predicted", "p_predicted", "p_actual", "top3", "correct"],
+        (prediction_row(*x) for x in zip(rows, sources, halves, y, pred, probs, strict=True)),
     )
     write_table(
         out_dir / "per_class.csv",
@@ -297,7 +360,8 @@ def _log_measured(
     if lm.registered is not None:
         name, version = lm.registered
         with contextlib.suppress(Exception):  # a version from another store: the run has the figures
-            for k in ("measured_accuracy", "measured_balanced_accuracy"):
-                client.set_model_version_tag(name, version, k, f"{metrics[k]:.6f}")
+            for k in ("measured_accuracy", "measured_balanced_accuracy", "report_half_accuracy"):
+                if k in metrics:
+                    client.set_model_version_tag(name, version, k, f"{metrics[k]:.6f}")
             client.set_model_version_tag(name, version, "measured_n", str(metrics["n"]))
     return run_id

@@ -6,6 +6,10 @@ counts on an arbitrary scale, another 2-theta range and step. :func:`to_training
 can so that the rendered image looks like the training images: Bragg's law to the training wavelength
 (:mod:`xrdvision.crystal.bragg`), SNIP background subtraction, normalisation to a maximum of 1 and
 interpolation onto the training grid. Reading the file is :mod:`xrdvision.formats.scans`.
+
+Also here, as pure functions the measured-input path of either model kind calls: :func:`background` (the
+hand SNIP or a ``pybaselines`` method, compared in ``benchmarks/compare_baselines.py``) and
+:func:`strip_kalpha2` (Rachinger's K-alpha2 stripping, wavelengths from :mod:`xrdvision.crystal.bragg`).
 """
 
 from __future__ import annotations
@@ -15,10 +19,11 @@ import math
 import numpy as np
 
 from xrdvision.config import SimulateParams
-from xrdvision.crystal.bragg import CU_KA1, CU_KA_AVERAGE, convert_wavelength
+from xrdvision.crystal.bragg import CU_KA1, CU_KA2, CU_KA_AVERAGE, convert_wavelength
 from xrdvision.crystal.profile import grid
 from xrdvision.errors import InputError
 from xrdvision.formats.scans import MeasuredPattern, measured_range
+from xrdvision.serve.peak_fit import noise_sigma
 
 MIN_OVERLAP_DEG = 10.0  # at least this much of the pattern must fall inside the training 2-theta range
 # SNIP background: clipping half-width in degrees 2-theta. It must be wider than a peak's foot (peaks
@@ -26,6 +31,10 @@ MIN_OVERLAP_DEG = 10.0  # at least this much of the pattern must fall inside the
 # features; SNIP never clips a convex (decaying) background, so a generous window is safe.
 BG_HALF_WIDTH_DEG = 2.0
 BG_SMOOTH_DEG = 0.2  # moving average before SNIP: the background follows the noise mean, not its minima
+NO_PEAK_SNR = 6.0  # strongest line above the background, in noise sd: below it the scan shows no peak
+BASELINE_METHODS = ("snip_hand", "snip", "arpls", "modpoly")
+ARPLS_LAM = 1e7  # at a 0.01 degree step; scaled by (0.01 / step)^4 (second differences) for other steps
+MODPOLY_ORDER = 4
 
 
 def _lls(y: np.ndarray) -> np.ndarray:
@@ -81,6 +90,73 @@ def subtract_background(
     return np.clip(intensity - snip_background(intensity, half, smooth), 0.0, None)
 
 
+def background(
+    two_theta: np.ndarray,
+    intensity: np.ndarray,
+    method: str = "snip_hand",
+    half_width_deg: float = BG_HALF_WIDTH_DEG,
+) -> np.ndarray:
+    """The background of an evenly stepped scan by ``method`` (one of :data:`BASELINE_METHODS`).
+
+    ``snip_hand``: :func:`snip_background` (the default everywhere); ``snip``: ``pybaselines``' SNIP with
+    the same window and pre-smoothing; ``arpls``: asymmetrically reweighted penalised least squares
+    (Baek et al. 2015) with ``ARPLS_LAM``; ``modpoly``: an iteratively clipped polynomial of degree
+    ``MODPOLY_ORDER`` (Lieber and Mahadevan-Jansen 2003). Window sizes are given in degrees.
+    """
+    tt = np.asarray(two_theta, dtype=np.float64)
+    y = np.asarray(intensity, dtype=np.float64)
+    step = float(np.median(np.diff(tt))) if tt.size > 1 else 1.0
+    half = max(1, round(half_width_deg / step))
+    smooth = max(1, round(BG_SMOOTH_DEG / step))
+    if method == "snip_hand":
+        return snip_background(y, half, smooth)
+    if method not in BASELINE_METHODS:
+        raise ValueError(f"background method {method!r} is not one of {', '.join(BASELINE_METHODS)}")
+    from pybaselines import Baseline
+
+    fitter = Baseline(x_data=tt, assume_sorted=True)
+    if method == "snip":
+        bg, _ = fitter.snip(y, max_half_window=half, decreasing=True, smooth_half_window=max(1, smooth // 2))
+    elif method == "arpls":
+        bg, _ = fitter.arpls(y, lam=ARPLS_LAM * (0.01 / step) ** 4)
+    else:
+        bg, _ = fitter.modpoly(y, poly_order=MODPOLY_ORDER)
+    return np.asarray(bg, dtype=np.float64)
+
+
+def strip_kalpha2(
+    two_theta: np.ndarray,
+    intensity: np.ndarray,
+    ratio: float = 0.5,
+    wavelengths: tuple[float, float] = (CU_KA1, CU_KA2),
+) -> np.ndarray:
+    """The K-alpha1 part of a background-free scan (Rachinger 1948): from low angle up, each point loses
+    ``ratio`` x the stripped intensity where its K-alpha2 came from, the K-alpha1 position of the same
+    d-spacing (Bragg's law, :func:`~xrdvision.crystal.bragg.convert_wavelength`), interpolated linearly.
+
+    Any ascending 2-theta grid works (uneven steps too). Where the source lies between the previous and
+    this point (low angles, split under a step), the equation is solved for this point. Run it after
+    the background is removed: a flat background would come out scaled by 1 / (1 + ratio). Small
+    negative ripples where the doublet model is not exact are clipped to 0.
+    """
+    tt = np.asarray(two_theta, dtype=np.float64)
+    y = np.asarray(intensity, dtype=np.float64)
+    src = convert_wavelength(tt, wavelengths[1], wavelengths[0])
+    j_all = np.searchsorted(tt, src, side="right") - 1
+    out = np.empty_like(y)
+    for k in range(y.size):
+        j = int(j_all[k])
+        if not np.isfinite(src[k]) or j < 0 or j >= k:
+            out[k] = y[k]
+            continue
+        w = (src[k] - tt[j]) / (tt[j + 1] - tt[j])
+        if j + 1 == k:
+            out[k] = (y[k] - ratio * (1 - w) * out[j]) / (1 + ratio * w)
+        else:
+            out[k] = y[k] - ratio * ((1 - w) * out[j] + w * out[j + 1])
+    return np.clip(out, 0.0, None)
+
+
 def source_wavelength(pattern: MeasuredPattern, sim: SimulateParams, default: float | None = None) -> float:
     """The wavelength to convert from: the pattern's, else ``default``, else the training one (no shift).
 
@@ -109,14 +185,23 @@ def to_training_grid(
     measured (even) steps; 2-theta converted to ``sim.wavelength`` through the d-spacings
     (:func:`source_wavelength` picks the wavelength to convert from); linear interpolation onto the
     grid, zero outside the measured range; scaled to a maximum of 1 over the grid. A pattern that
-    overlaps the training range by less than 10 degrees, or has no signal left after the background, is
-    an :class:`InputError`.
+    overlaps the training range by less than 10 degrees, whose strongest line stands less than
+    ``NO_PEAK_SNR`` noise sd above the background (no peaks), or has no signal left after the
+    background, is an :class:`InputError`.
     """
     lo, hi = measured_range(pattern)
     keep = (pattern.two_theta >= lo) & (pattern.two_theta <= hi)
     tt, y = pattern.two_theta[keep], pattern.intensity[keep]
+    net = subtract_background(tt, y)
+    sigma = noise_sigma(y)
+    if sigma > 0 and not float(net.max()) >= NO_PEAK_SNR * sigma:
+        raise InputError(
+            pattern.source,
+            f"no peak above the noise: the strongest line stands {float(net.max()) / sigma:.1f} noise sd "
+            f"above the background (at least {NO_PEAK_SNR:g} needed)",
+        )
     if background:
-        y = subtract_background(tt, y)
+        y = net
     wl = source_wavelength(pattern, sim, default_wavelength)
     tt_c = convert_wavelength(tt, wl, sim.wavelength)
     ok = np.isfinite(tt_c)
