@@ -131,6 +131,118 @@ def run_point(point: str, args: argparse.Namespace, params: Any, cod: Any, paren
     return row
 
 
+def vgg_features(front: Any, table: Any, params: Any, clean: bool, seed: int) -> np.ndarray:
+    """VGG16 front features of each structure of ``table`` rendered as the render stage draws an image:
+    under one draw of measurement conditions (``clean=False``, training) or noiselessly (scoring)."""
+    from xrdvision.data import measurement
+    from xrdvision.data.render import Renderer
+    from xrdvision.models.score_patterns import clean_batch
+    from xrdvision.models.train_cnn1d import measured_batch
+
+    x = measurement.grid(params.pattern)
+    renderer = Renderer(params.render.size, params.render.line_width, (x[0], x[-1]))
+    rng = np.random.default_rng(seed)
+    out = []
+    for start in range(0, len(table), 32):
+        idx = np.arange(start, min(len(table), start + 32))
+        y = clean_batch(table, idx, params, x) if clean else measured_batch(table, idx, params, x, rng)
+        y = y[..., 0] ** 2 if params.pattern.scale == "sqrt" else y[..., 0]  # back to linear, as rendered
+        images = np.stack([renderer.render(x, row) for row in y]).astype(np.float32)
+        out.append(np.asarray(front.predict_on_batch(images)))
+        if start % 320 == 0:
+            log(f"  vgg16 features {start + len(idx)}/{len(table)}")
+    return np.concatenate(out)
+
+
+def run_vgg_point(
+    point: str, args: argparse.Namespace, params: Any, cod: Any, parent_id: str
+) -> dict[str, Any]:
+    """VGG16 (the default head-only recipe) on images of the same structures, drawn from the same
+    generator once per structure (the feature cache makes a fresh draw per epoch unaffordable: 4-7
+    images/s), early-stopped on the same kind of synthetic held-out images, scored like the 1-D model."""
+    import mlflow
+
+    from xrdvision.crystal.labels import class_names
+    from xrdvision.data.peak_table import select, split_ids
+    from xrdvision.models.evaluate import classification_metrics, named
+    from xrdvision.models.score_patterns import unseen_mask
+    from xrdvision.models.train import fit_tail, mlflow_epoch_callback
+    from xrdvision.models.train_cnn1d import encode, split_holdout
+    from xrdvision.models.vgg16 import build_model
+
+    mode = params.labels.mode
+    classes = class_names(mode)
+    vp = dataclasses.replace(params, model=dataclasses.replace(params.model, kind="vgg16"))
+    table = point_table(point, cod, args, vp)
+    train, hold = split_holdout(vp, table)
+    log(f"vgg16 {point}: {len(train)} training structures, {len(hold)} held out")
+    front = build_model(len(classes), vp.model, seed=vp.seed).front
+    t0 = time.perf_counter()
+    feats = {
+        "train": vgg_features(front, train, vp, False, 1),
+        "val": vgg_features(front, hold, vp, False, 2),
+    }
+    test = select(cod, split_ids(Path("data/split"), "test"))
+    unseen = cod.subset(np.flatnonzero(unseen_mask(cod, set(table.reduced_formula.tolist()))))
+    feats["test"] = vgg_features(front, test, vp, True, 3)
+    feats["unseen"] = vgg_features(front, unseen, vp, True, 4)
+    feature_s = time.perf_counter() - t0
+    data = {
+        "train": {"features": feats["train"], mode: train.labels(mode)},
+        "val": {"features": feats["val"], mode: hold.labels(mode)},
+    }
+    with mlflow.start_run(run_name=f"vgg16-{point}-{len(table)}", nested=True, parent_run_id=parent_id):
+        mlflow.log_params({"point": point, "n_train": len(table), **vp.flat()})
+        mlflow.set_tags({"model_kind": "vgg16", "label_mode": mode, "source": point})
+        net, _, info = fit_tail(
+            vp, data["train"], data["val"], extra_callbacks=[mlflow_epoch_callback()], verbose=2
+        )
+        figures = {}
+        for name, part, feat in (("test", test, feats["test"]), ("unseen", unseen, feats["unseen"])):
+            probs = np.asarray(net.tail.predict(feat, batch_size=64, verbose=0))
+            figures |= named(
+                classification_metrics(probs, encode(part, mode, classes), classes, vp.seed), name
+            )
+        mlflow.log_metrics({k: float(v) for k, v in figures.items() if isinstance(v, int | float)})
+        mlflow.log_metrics({"feature_seconds": feature_s, "train_seconds": info["seconds"]})
+    row = {
+        "model_kind": "vgg16",
+        "label_mode": mode,
+        "source": point,
+        "n_train": len(table),
+        "accuracy": figures["unseen_accuracy"],
+        "ci_low": figures["unseen_accuracy_ci95_low"],
+        "ci_high": figures["unseen_accuracy_ci95_high"],
+        "balanced_accuracy": figures["unseen_balanced_accuracy"],
+        "top5_accuracy": figures.get("unseen_top5_accuracy"),
+        "n_real_scored": len(unseen),
+        "scored_on": "COD structures whose compound no training structure shares",
+        "epochs_run": info["epochs_run"],
+        "best_epoch": info["best_epoch"],
+        "train_seconds": round(feature_s + info["seconds"], 1),
+        "feature_seconds": round(feature_s, 1),
+        **{k: v for k, v in figures.items() if k.startswith(("test_", "unseen_"))},
+    }
+    log(f"vgg16 {point}: unseen accuracy {row['accuracy']:.1%}, test split {figures['test_accuracy']:.1%}")
+    return row
+
+
+def write_plot_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    """The curve as ``dvc plots`` reads it: one row per point."""
+    import csv
+
+    from xrdvision.formats.atomic import atomic_open
+
+    with atomic_open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["model_kind", "label_mode", "source", "n_train", "accuracy", "ci_low", "ci_high"])
+        for r in rows:
+            w.writerow(
+                [r[k] for k in ("model_kind", "label_mode", "source", "n_train")]
+                + [f"{r[k]:.4f}" for k in ("accuracy", "ci_low", "ci_high")]
+            )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--params", default="params.yaml")
@@ -143,6 +255,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--kind", default="cnn1d", choices=["cnn1d", "vgg16"])
+    ap.add_argument("--plot", type=Path, default=ROOT / "plots" / "learning_curve.csv")
     args = ap.parse_args()
 
     import mlflow
@@ -162,20 +276,22 @@ def main() -> None:
     )
     rows: list[dict[str, Any]] = json.loads(args.out.read_text())["points"] if args.out.is_file() else []
     done = {(r["model_kind"], r["label_mode"], r["source"]) for r in rows}
+    run = run_point if args.kind == "cnn1d" else run_vgg_point
     cod = cod_table(params)
     log(f"COD: {len(cod)} structures")
     runs.setup(params.mlflow)
     runs.use_experiment(params.mlflow)
-    name = f"learning-curve-cnn1d-{args.mode}"
+    name = f"learning-curve-{args.mode}"
     found = mlflow.search_runs(filter_string=f"tags.mlflow.runName = '{name}'", max_results=1)
     parent_id = str(found["run_id"].iloc[0]) if len(found) else None
     with mlflow.start_run(run_id=parent_id, run_name=None if parent_id else name) as parent:
-        mlflow.set_tags({"model_kind": "cnn1d", "label_mode": args.mode, "study": "learning_curve"})
+        mlflow.set_tags({"label_mode": args.mode, "study": "learning_curve"})
         for point in args.points:
-            if ("cnn1d", args.mode, point) in done:
-                log(f"{point}: done already, skipped")
+            if (args.kind, args.mode, point) in done:
+                log(f"{args.kind} {point}: done already, skipped")
                 continue
-            rows.append(run_point(point, args, params, cod, parent.info.run_id))
+            rows.append(run(point, args, params, cod, parent.info.run_id))
+            write_plot_csv(rows, args.plot)
             write_json(
                 args.out,
                 {

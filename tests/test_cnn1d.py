@@ -128,3 +128,20 @@ def test_cnn1d_bad_inputs_are_one_line(workdir):
         fit_cnn1d(tiny_cnn_params(workdir, split={"train_sources": ["mp"]}))
     with pytest.raises(XrdVisionError, match=r"8501 points, but the model takes 4251"):
         Preparer(tiny_cnn_params(workdir), 4251, "cnn1d")
+
+
+def test_cnn1d_search_space_round_trips_and_a_study_tunes_it(workdir):
+    from xrdvision.config import TuneParams
+    from xrdvision.models.search_space import overrides_from_trial, recipe_of, trial_from_overrides
+    from xrdvision.models.tune import run_tune
+
+    p = tiny_cnn_params(
+        workdir,
+        tune={"trials": 2, "epochs": 1, "storage": f"sqlite:///{workdir}/optuna.db", "study_name": "cnn"},
+    )
+    base = recipe_of(tiny_cnn_params(workdir, cnn1d={"width": 8, "depth": 3}))
+    assert set(base) == {"cnn1d.width", "cnn1d.depth", "cnn1d.kernel", "cnn1d.dropout", "train.learning_rate"}
+    assert overrides_from_trial(trial_from_overrides(base, TuneParams())) == base
+    assert trial_from_overrides({**base, "cnn1d.width": 12}, TuneParams()) is None
+    r = run_tune(p, Path("data/features"), workdir / "tune" / "best_params.yaml")
+    assert r["n_complete"] + r["n_pruned"] == 2 and "cnn1d.width" in r["best_params"]

@@ -6,7 +6,10 @@ What is searched (the knobs the seed recipe fixed by hand):
 - ``model.dense``: one or two ReLU layers, each 64/128/256/512 wide;
 - ``model.dropout``: uniform in [0, 0.5];
 - ``model.trainable_conv``: 0 (head only), 3 (block 5) or 6 (blocks 4 + 5), capped by
-  ``tune.max_trainable_conv``.
+  ``tune.max_trainable_conv``;
+
+and for the 1-D model (``model.kind: cnn1d``) its own section: ``train.learning_rate`` as above,
+``cnn1d.width`` 8/16/32, ``cnn1d.depth`` 3-5, ``cnn1d.kernel`` 5/7/9/11/15, ``cnn1d.dropout`` in [0, 0.5].
 
 Pure functions between the two namings, plus the ``tune/best_params.yaml`` file (params.yaml layout,
 with the ``dvc exp run -S`` line in a comment) and ``xrdvision tune --apply``, which merges it into
@@ -29,6 +32,10 @@ DENSE_WIDTHS = (64, 128, 256, 512)
 MAX_DENSE_LAYERS = 2
 DROPOUT_RANGE = (0.0, 0.5)
 TUNED_KEYS = ("model.dense", "model.dropout", "model.trainable_conv", "train.learning_rate")
+CNN1D_WIDTHS = (8, 16, 32)
+CNN1D_DEPTHS = (3, 5)
+CNN1D_KERNELS = (5, 7, 9, 11, 15)
+CNN1D_KEYS = ("cnn1d.width", "cnn1d.depth", "cnn1d.kernel", "cnn1d.dropout", "train.learning_rate")
 
 
 def conv_choices(tune: TuneParams) -> list[int]:
@@ -36,9 +43,15 @@ def conv_choices(tune: TuneParams) -> list[int]:
     return [k for k in CONV_CHOICES if k <= tune.max_trainable_conv]
 
 
-def suggest(trial, tune: TuneParams) -> dict[str, Any]:
-    """Sample one recipe from ``trial``; returns params.yaml keys (``model.dense``, ...)."""
+def suggest(trial, tune: TuneParams, kind: str = "vgg16") -> dict[str, Any]:
+    """Sample one recipe of model ``kind`` from ``trial``; returns params.yaml keys (``model.dense``, ...)."""
     trial.suggest_float("learning_rate", tune.lr_range[0], tune.lr_range[1], log=True)
+    if kind == "cnn1d":
+        trial.suggest_categorical("width", list(CNN1D_WIDTHS))
+        trial.suggest_int("depth", *CNN1D_DEPTHS)
+        trial.suggest_categorical("kernel", list(CNN1D_KERNELS))
+        trial.suggest_float("dropout", *DROPOUT_RANGE)
+        return overrides_from_trial(trial.params)
     n = trial.suggest_int("n_dense", 1, MAX_DENSE_LAYERS)
     for i in range(n):
         trial.suggest_categorical(f"dense_{i}", list(DENSE_WIDTHS))
@@ -48,7 +61,15 @@ def suggest(trial, tune: TuneParams) -> dict[str, Any]:
 
 
 def overrides_from_trial(trial_params: dict[str, Any]) -> dict[str, Any]:
-    """Optuna's parameter names -> params.yaml keys."""
+    """Optuna's parameter names -> params.yaml keys (either kind's section)."""
+    if "width" in trial_params:
+        return {
+            "cnn1d.width": int(trial_params["width"]),
+            "cnn1d.depth": int(trial_params["depth"]),
+            "cnn1d.kernel": int(trial_params["kernel"]),
+            "cnn1d.dropout": float(trial_params["dropout"]),
+            "train.learning_rate": float(trial_params["learning_rate"]),
+        }
     n = int(trial_params["n_dense"])
     return {
         "model.dense": [int(trial_params[f"dense_{i}"]) for i in range(n)],
@@ -63,6 +84,22 @@ def trial_from_overrides(overrides: dict[str, Any], tune: TuneParams) -> dict[st
 
     Used to enqueue a known recipe (the baseline of params.yaml) as a trial.
     """
+    if "cnn1d.width" in overrides:
+        tp = {
+            "learning_rate": float(overrides["train.learning_rate"]),
+            "width": int(overrides["cnn1d.width"]),
+            "depth": int(overrides["cnn1d.depth"]),
+            "kernel": int(overrides["cnn1d.kernel"]),
+            "dropout": float(overrides["cnn1d.dropout"]),
+        }
+        ok = (
+            tune.lr_range[0] <= tp["learning_rate"] <= tune.lr_range[1]
+            and tp["width"] in CNN1D_WIDTHS
+            and CNN1D_DEPTHS[0] <= tp["depth"] <= CNN1D_DEPTHS[1]
+            and tp["kernel"] in CNN1D_KERNELS
+            and DROPOUT_RANGE[0] <= tp["dropout"] <= DROPOUT_RANGE[1]
+        )
+        return tp if ok else None
     dense = list(overrides["model.dense"])
     lr = float(overrides["train.learning_rate"])
     dropout = float(overrides["model.dropout"])
@@ -89,7 +126,7 @@ def trial_from_overrides(overrides: dict[str, Any], tune: TuneParams) -> dict[st
 def recipe_of(params: Params) -> dict[str, Any]:
     """The tuned keys' current values in ``params`` (the baseline recipe)."""
     flat = params.flat()
-    return {k: flat[k] for k in TUNED_KEYS}
+    return {k: flat[k] for k in (CNN1D_KEYS if params.model.kind == "cnn1d" else TUNED_KEYS)}
 
 
 def apply_overrides(params: Params, overrides: dict[str, Any]) -> Params:

@@ -76,19 +76,44 @@ def _pruning_callback(trial):
     return OptunaPruning()
 
 
-def make_objective(params: Params, features: DepthFeatures, weights: Path, record: list[dict[str, Any]]):
-    """The Optuna objective: one trial = one nested MLflow run training like the train stage."""
+def vgg16_trials(features: DepthFeatures, weights: Path):
+    """How a VGG16 trial fits: the tail on cached features of its ``trainable_conv`` depth."""
+    from xrdvision.models.train import fit_tail
+
+    def fit(trial_params: Params, callbacks: list) -> tuple[dict, dict, dict[str, str]]:
+        train, val = features.get(trial_params.model.trainable_conv)
+        _, hist, info = fit_tail(
+            trial_params, train, val, weights=weights, extra_callbacks=callbacks, verbose=0
+        )
+        return hist, info, {"cut_layer": str(train["cut_layer"])}
+
+    return fit
+
+
+def cnn1d_trials(table: Any):
+    """How a 1-D model trial fits: patterns drawn from the training peak lists (loaded once)."""
+    from xrdvision.models.train_cnn1d import fit_cnn1d
+
+    def fit(trial_params: Params, callbacks: list) -> tuple[dict, dict, dict[str, str]]:
+        _, hist, info = fit_cnn1d(trial_params, table=table, extra_callbacks=callbacks, verbose=0)
+        return hist, info, {"train_sources": ",".join(trial_params.split.train_sources)}
+
+    return fit
+
+
+def make_objective(params: Params, fit_trial: Any, record: list[dict[str, Any]]):
+    """The Optuna objective: one trial = one nested MLflow run training like the train stage
+    (``fit_trial``: :func:`vgg16_trials` or :func:`cnn1d_trials`)."""
     import keras
     import mlflow
     import optuna
 
-    from xrdvision.models.train import fit_tail, mlflow_epoch_callback
+    from xrdvision.models.train import mlflow_epoch_callback
 
     def objective(trial) -> float:
         t0 = time.perf_counter()
-        overrides = suggest(trial, params.tune)
+        overrides = suggest(trial, params.tune, params.model.kind)
         trial_params = apply_overrides(params, {**overrides, "train.epochs": params.tune.epochs})
-        train, val = features.get(trial_params.model.trainable_conv)
         pruned_at = None
         with mlflow.start_run(
             run_name=runs.run_name(trial_params, f"trial{trial.number}"), nested=True
@@ -100,21 +125,15 @@ def make_objective(params: Params, features: DepthFeatures, weights: Path, recor
                     "optuna.study": params.tune.study_name,
                     "optuna.trial": str(trial.number),
                     "label_mode": params.labels.mode,
-                    "cut_layer": str(train["cut_layer"]),
+                    "model_kind": params.model.kind,
                 }
             )
             cb = _pruning_callback(trial)
             try:
-                _, hist, info = fit_tail(
-                    trial_params,
-                    train,
-                    val,
-                    weights=weights,
-                    extra_callbacks=[mlflow_epoch_callback(), cb],
-                    verbose=0,
-                )
+                hist, info, tags = fit_trial(trial_params, [mlflow_epoch_callback(), cb])
             finally:
                 keras.backend.clear_session()
+            mlflow.set_tags(tags)
             seconds = time.perf_counter() - t0
             val_loss = np.asarray(hist.get("val_loss", []), dtype=float)
             best_epoch = int(np.nanargmin(val_loss)) if np.isfinite(val_loss).any() else -1
@@ -219,15 +238,18 @@ def run_tune(
     Each finished trial is logged in one line at INFO (:func:`trial_line`).
     Plots and ``trials.csv`` go beside ``out_path`` and to the study's parent MLflow run.
     """
-    import mlflow
-    import optuna
-    from optuna.trial import TrialState
-
     from xrdvision.models.vgg16 import resolve_weights, weights_fingerprint
 
     storage = open_storage(params.tune.storage)  # fail fast: before features, MLflow and training
     runs.setup(params.mlflow)
     features_dir, out_path = Path(features_dir), Path(out_path)
+    if params.model.kind == "cnn1d":
+        from xrdvision.data.peak_table import cod_table, training_table
+        from xrdvision.models.tune_study import table_fingerprint
+
+        table = training_table(params, cod_table(params))
+        settings = study_settings(params, table_fingerprint(table, params.labels.mode), "none")
+        return _optimize(params, storage, settings, cnn1d_trials(table), out_path, n_trials, enqueue)
     base = {s: load_features(features_dir / f"{s}.npz") for s in SPLITS}
     weights = resolve_weights(params.model.weights)
     weights_md5 = weights_fingerprint(weights)
@@ -238,6 +260,24 @@ def run_tune(
             f"to {weights} (md5 {weights_md5[:8]}): run `dvc repro features`"
         )
     settings = study_settings(params, data_fingerprint(base, image_dir, params.labels.mode), weights_md5)
+    fit_trial = vgg16_trials(DepthFeatures(params, base, image_dir, cache_dir, weights), weights)
+    return _optimize(params, storage, settings, fit_trial, out_path, n_trials, enqueue)
+
+
+def _optimize(
+    params: Params,
+    storage: Any,
+    settings: dict[str, Any],
+    fit_trial: Any,
+    out_path: Path,
+    n_trials: int | None,
+    enqueue: list[dict[str, Any]] | None,
+) -> dict[str, Any]:
+    """Open (or resume) the study, run the trials under one parent MLflow run, write the best recipe."""
+    import mlflow
+    import optuna
+    from optuna.trial import TrialState
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(params, storage, settings)
     finished = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -260,7 +300,6 @@ def run_tune(
     else:
         to_run, callbacks = n_trials, []
 
-    features = DepthFeatures(params, base, image_dir, cache_dir, weights)
     record: list[dict[str, Any]] = []
     experiment_id = runs.use_experiment(params.mlflow)
     parent_id = _parent_run_id(study, experiment_id)
@@ -281,7 +320,7 @@ def run_tune(
             )
         if to_run:
             study.optimize(
-                make_objective(params, features, weights, record),
+                make_objective(params, fit_trial, record),
                 n_trials=to_run,
                 callbacks=[*callbacks, _log_trial],
                 gc_after_trial=True,
@@ -340,7 +379,8 @@ def _parent_run_id(study, experiment_id: str) -> str | None:
 def trial_line(trial) -> str:
     """One line for a finished trial: number, state, objective, seconds, recipe (params.yaml keys)."""
     value = f"{trial.value:.4f}" if trial.value is not None else "-"
-    params = overrides_from_trial(trial.params) if "n_dense" in trial.params else trial.params
+    known = {"n_dense", "width"} & set(trial.params)
+    params = overrides_from_trial(trial.params) if known else trial.params
     return (
         f"tune: trial {trial.number} {trial.state.name.lower()} {OBJECTIVE} {value} "
         f"({trial.user_attrs.get('seconds', float('nan')):.0f} s) {json.dumps(params)}"

@@ -36,6 +36,24 @@ def study_settings(params: Params, data_md5: str, weights_md5: str) -> dict[str,
 
     The seed is left out on purpose: a rerun with another seed measures the same objective.
     """
+    if params.model.kind == "cnn1d":
+        from xrdvision.models.search_space import CNN1D_DEPTHS, CNN1D_KERNELS, CNN1D_WIDTHS
+
+        return {
+            "objective": f"minimize {OBJECTIVE} (synthetic held-out patterns)",
+            "model.kind": "cnn1d",
+            "tune.lr_range": [float(v) for v in params.tune.lr_range],
+            "cnn1d.widths": list(CNN1D_WIDTHS),
+            "cnn1d.depths": list(CNN1D_DEPTHS),
+            "cnn1d.kernels": list(CNN1D_KERNELS),
+            "dropout_range": list(DROPOUT_RANGE),
+            "tune.epochs": params.tune.epochs,
+            "labels.mode": params.labels.mode,
+            "train.batch_size": params.train.batch_size,
+            "train.patience": params.train.patience,
+            "pattern.patterns_per_epoch": params.pattern.patterns_per_epoch,
+            "data_md5": data_md5,
+        }
     return {
         "objective": f"minimize {OBJECTIVE}",
         "tune.lr_range": [float(v) for v in params.tune.lr_range],
@@ -82,6 +100,14 @@ def data_fingerprint(splits: dict[str, dict[str, np.ndarray]], image_dir: Path, 
 
 
 # ---------------------------------------------------------------------------------------------------
+
+
+def table_fingerprint(table: Any, mode: str) -> str:
+    """md5 of a peak table's structures and labels: the 1-D model's training data, as a study sees it."""
+    h = hashlib.md5()
+    for ident, label in zip(table.ids.tolist(), table.labels(mode).tolist(), strict=True):
+        h.update(f"{ident}\t{label}\n".encode())
+    return h.hexdigest()
 
 
 def display_url(url: str) -> str:
