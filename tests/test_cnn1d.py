@@ -103,6 +103,14 @@ def test_cnn1d_trains_registers_evaluates_and_predicts(workdir):
     assert m["n_unseen"] >= 1 and m["n_unseen"] + m["n_cod_seen_in_training"] == 36
     assert "unseen_balanced_accuracy" in json.loads(Path("metrics/metrics.json").read_text())
 
+    from xrdvision.models.scoring import test_split_scorer
+    from xrdvision.tracking.registry import promote
+
+    decision = promote(p, test_split_scorer(p, Path("data/split"), Path("data/images")))
+    assert decision["promoted"] and decision["challenger"]["test_accuracy"] == pytest.approx(
+        m["test_accuracy"]
+    )
+
     cif = next(Path("data/cifs").glob("*.cif"))
     img = workdir / "picture.png"
     from PIL import Image

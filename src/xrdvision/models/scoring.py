@@ -2,8 +2,9 @@
 
 :func:`test_split_scorer` returns the scoring function that ``xrdvision promote`` hands to
 :func:`xrdvision.tracking.registry.promote`; the registry itself never loads a model (it sits in a
-layer below this one). Both versions are scored now, on the same images, with the evaluate stage's
-metrics (:func:`xrdvision.models.evaluate.classification_metrics`).
+layer below this one). Both versions are scored now, on the same test structures (images for VGG16,
+their peak lists on the model's grid for a 1-D model: so the better kind wins), with the evaluate
+stage's metrics (:func:`xrdvision.models.evaluate.classification_metrics`).
 """
 
 from __future__ import annotations
@@ -53,8 +54,33 @@ def evaluate_version(uri: str, paths: list[Path], y: np.ndarray, params: Params)
         raise XrdVisionError(
             f"{uri}: model has {n_out} outputs, labels.mode={params.labels.mode} has {len(classes)} classes"
         )
-    probs = predict_images(model, paths)
+    if len(model.input_shape) == 3:  # a 1-D model: the test structures' peak lists on its own grid
+        probs = _pattern_probs(uri, model, paths, params)
+    else:
+        probs = predict_images(model, paths)
     return named(classification_metrics(probs, y, classes, params.seed), "test")
+
+
+def _pattern_probs(uri: str, model: Any, paths: list[Path], params: Params) -> np.ndarray:
+    """A 1-D model's probabilities for the test structures (named by their images' COD ids, in the
+    split's order), prepared with the grid and profile stored with the model."""
+    import dataclasses
+
+    import mlflow
+
+    from xrdvision.data.peak_table import cod_table, select
+    from xrdvision.models.score_patterns import pattern_probabilities
+
+    meta = (mlflow.models.get_model_info(uri).metadata or {}).get("preprocessing") or {}
+    stored = {k: v for k, v in (meta.get("pattern") or {}).items() if hasattr(params.pattern, k)}
+    sim = {k: v for k, v in (meta.get("simulate") or {}).items() if hasattr(params.simulate, k)}
+    p = dataclasses.replace(
+        params,
+        pattern=dataclasses.replace(params.pattern, **stored),
+        simulate=dataclasses.replace(params.simulate, **sim),
+    )
+    ids = [path.stem.rsplit("_", 1)[0] for path in paths]
+    return pattern_probabilities(model, select(cod_table(p), ids), p)
 
 
 def test_split_scorer(params: Params, split_dir: Path, image_dir: Path) -> Callable[[str], dict[str, Any]]:
