@@ -182,3 +182,23 @@ def test_kalpha2_follows_simulate_settings(carbon):
     win = (g > high - 0.1) & (g < high + 0.6)
     n_max = [int(np.sum((y[win][1:-1] > y[win][:-2]) & (y[win][1:-1] > y[win][2:]))) for y in (y1, y2)]
     assert n_max == [1, 2]
+
+
+def test_image_augmentation_is_off_at_zero_and_keeps_the_image_shape():
+    """Contrast and rotation (the seed's image-level augmentation) change a rendered copy only when
+    asked, keep its shape and its black background, and are reproducible from the copy's generator."""
+    from xrdvision.data.augment import augment_image, copy_rng
+    from xrdvision.data.render import Renderer
+
+    x = np.linspace(5, 90, 4251)
+    y = np.exp(-(((x - 30) / 0.2) ** 2)) + 0.5 * np.exp(-(((x - 60) / 0.2) ** 2))
+    rgb = Renderer().render(x, y)
+    same = augment_image(rgb, copy_rng(42, "1000004", 1), 0.0, 0.0)
+    np.testing.assert_array_equal(same, rgb)
+    a = augment_image(rgb, copy_rng(42, "1000004", 1), 0.3, 3.0)
+    b = augment_image(rgb, copy_rng(42, "1000004", 1), 0.3, 3.0)
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == rgb.shape and a.dtype == np.uint8 and not np.array_equal(a, rgb)
+    assert a[0, 0].tolist() == [0, 0, 0]
+    dimmer = augment_image(rgb, np.random.default_rng(0), 0.5, 0.0)
+    assert dimmer.max() != rgb.max() or not np.array_equal(dimmer, rgb)

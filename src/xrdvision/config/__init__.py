@@ -112,6 +112,8 @@ class AugmentParams:
     fwhm_range: list[Num] = Field(default_factory=lambda: [0.08, 0.2])
     noise: Num = Field(0.0, ge=0)  # sd of Gaussian noise relative to the maximum
     background: Num = Field(0.0, ge=0)  # max amplitude of a smooth background, relative to the maximum
+    contrast: Num = Field(0.0, ge=0, lt=1)  # image level: line brightness x U(1 -+ contrast); 0 = off
+    rotation: Num = Field(0.0, ge=0, le=10)  # image level: max |rotation| in degrees; 0 = off
 
     @model_validator(mode="after")
     def _rules(self) -> AugmentParams:

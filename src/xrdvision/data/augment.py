@@ -126,3 +126,21 @@ def augment_pattern(
     if peak > 0:
         y = y / peak
     return g, y.astype(np.float32)
+
+
+def augment_image(rgb: np.ndarray, rng: np.random.Generator, contrast: float, rotation: float) -> np.ndarray:
+    """The seed's image-level augmentation of a rendered copy: a contrast change (the line's brightness
+    times ``U(1 - contrast, 1 + contrast)``, clipped to 0-255) and a rotation by ``U(-rotation,
+    rotation)`` degrees about the centre (black fill). A rotation tilts the 2-theta axis, mixing line
+    positions with heights; it is off by default (README: measured). ``contrast = rotation = 0`` returns
+    the image unchanged."""
+    out = np.asarray(rgb)
+    if contrast > 0:
+        factor = float(rng.uniform(1.0 - contrast, 1.0 + contrast))
+        out = np.clip(out.astype(np.float32) * factor, 0, 255).astype(np.uint8)
+    if rotation > 0:
+        from PIL import Image
+
+        angle = float(rng.uniform(-rotation, rotation))
+        out = np.asarray(Image.fromarray(out).rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=0))
+    return out

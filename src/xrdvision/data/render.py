@@ -34,7 +34,7 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from xrdvision.config import Params
-from xrdvision.data.augment import augment_pattern, copy_rng
+from xrdvision.data.augment import augment_image, augment_pattern, copy_rng
 from xrdvision.formats.atomic import atomic_open, atomic_path, file_digest
 from xrdvision.formats.patterns import Patterns, load_patterns
 
@@ -224,7 +224,13 @@ def _render_structure(i: int) -> tuple[int, list[tuple[str, str, int]], int, str
         else:
             rng = copy_rng(params.seed, cod_id, copy)
             g, y = augment_pattern(tt, amp, d, rng, params.augment, params.simulate)
-            renderer.save(g, y, path)
+            a = params.augment
+            if a.contrast > 0 or a.rotation > 0:
+                rgb = augment_image(renderer.render(g, y), rng, a.contrast, a.rotation)
+                with atomic_path(path) as tmp:
+                    tmp.write_bytes(encode_png(rgb))
+            else:
+                renderer.save(g, y, path)
         drawn += 1
     return i, rows, drawn, ""
 
