@@ -24,6 +24,7 @@ from xrdvision.crystal.labels import class_names
 from xrdvision.errors import XrdVisionError
 from xrdvision.formats.atomic import atomic_open, atomic_path, write_json, write_text
 from xrdvision.formats.tables import read_split
+from xrdvision.models.calibration import expected_calibration_error
 from xrdvision.models.features import load_image
 from xrdvision.models.train import encode_labels
 from xrdvision.tracking import runs
@@ -58,7 +59,8 @@ def top_k_hits(probs: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
 
 
 def classification_metrics(probs: np.ndarray, y: np.ndarray, classes: list[str], seed: int) -> dict[str, Any]:
-    """Accuracy (+ CI), balanced accuracy, loss, top-3/top-5 accuracy and macro F1 from probabilities.
+    """Accuracy (+ CI), balanced accuracy, loss, top-3/top-5 accuracy, macro F1 and the expected
+    calibration error from probabilities.
 
     The keys are bare (``accuracy``, ``n_test``); the stages name them for where they were measured
     with :func:`named` (``test_accuracy``, ``measured_accuracy``).
@@ -84,6 +86,7 @@ def classification_metrics(probs: np.ndarray, y: np.ndarray, classes: list[str],
         "loss": float(-np.mean(np.log(p_true))),
         "top3_accuracy": float(top_k_accuracy_score(y, probs, k=3, labels=labels)),
         "macro_f1": float(f1_score(y, pred, labels=present, average="macro", zero_division=0)),
+        "ece": expected_calibration_error(probs, y) if len(y) else float("nan"),
         "n_test": len(y),
     }
     if len(classes) > 10:  # space groups: top-5 is the figure the literature reports beside top-1
