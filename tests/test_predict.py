@@ -589,6 +589,29 @@ def test_evaluate_measured_skipped_without_a_folder(trained, tmp_path):
     assert m["skipped"] is True and str(tmp_path / "nope") in m["reason"]
 
 
+def test_evaluate_measured_reports_each_half(trained, tmp_path):
+    """With a split table: tuning_half_* and report_half_* beside measured_*, the ECE, a half column."""
+    from xrdvision.serve.evaluate_measured import run_evaluate_measured
+
+    folder = _subset_folder(tmp_path)
+    params = replace(trained.params, measured=replace(trained.params.measured, folder=str(folder)))
+    split = tmp_path / "split.csv"
+    split.write_text(
+        "file,half\nrruff_agi/rruff_agi_0016_sg225.xy,tuning\nrruff_agi/rruff_agi_0013_sg002.xy,tuning\n"
+        "rockjock/rockjock_pyrite.xy,report\nrockjock/rockjock_calcite.xy,report\n"
+    )
+    out = tmp_path / "out"
+    m = run_evaluate_measured(params, f"models:/{NAME}@challenger", tmp_path / "m.json", out, split)
+    assert (m["n_tuning_half"], m["n_report_half"], m["n_not_in_split"]) == (2, 2, 1)
+    preds = list(csv.DictReader((out / "predictions.csv").read_text().splitlines()))
+    for h in ("tuning", "report"):
+        correct = [int(p["correct"]) for p in preds if p["half"] == h]
+        assert m[f"{h}_half_accuracy"] == pytest.approx(np.mean(correct))
+        assert 0 <= m[f"{h}_half_ece"] <= 1 and f"{h}_half_balanced_accuracy" in m
+    assert 0 <= m["measured_ece"] <= 1 and m["split"] == str(split)
+    assert "report_half_accuracy" in json.loads((tmp_path / "m.json").read_text())
+
+
 def test_serving_payload_is_the_predicted_image(trained, inputs):
     from xrdvision.serve.inputs import Preparer
     from xrdvision.serve.predict import serving_payload

@@ -63,7 +63,7 @@ def fingerprint(path: Path) -> np.ndarray | None:
     lo, hi = measured_range(pattern)
     keep = (pattern.two_theta >= lo) & (pattern.two_theta <= hi)
     tt = pattern.two_theta[keep]
-    y = subtract_background(tt, pattern.intensity[keep])
+    y = subtract_background(tt, pattern.intensity[keep], method="snip_hand")  # as when the split was made
     g = np.arange(FINGERPRINT[0], FINGERPRINT[1] + 1e-9, FINGERPRINT[2])
     at, height = _lines(tt, y)
     if at.size == 0:

@@ -27,7 +27,7 @@ from xrdvision.formats.atomic import write_json
 from xrdvision.formats.scans import measured_range, read_pattern
 from xrdvision.formats.tables import read_table, write_table
 from xrdvision.serve import peak_fit
-from xrdvision.serve.preprocess import BG_HALF_WIDTH_DEG, BG_SMOOTH_DEG, snip_background
+from xrdvision.serve.preprocess import background
 
 logger = logging.getLogger(__name__)
 
@@ -105,9 +105,7 @@ def measure_scan(
         st.error = f"{path}: only {tt.size} measured points"
         return st
     st.step = float(np.median(np.diff(tt)))
-    bg = snip_background(
-        y, max(1, round(BG_HALF_WIDTH_DEG / st.step)), max(1, round(BG_SMOOTH_DEG / st.step))
-    )
+    bg = background(tt, y)  # the default of measured-input preprocessing
     net = y - bg
     top = float(net.max())
     if not top > 0:
