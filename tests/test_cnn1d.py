@@ -122,6 +122,9 @@ def test_cnn1d_trains_registers_evaluates_and_predicts(workdir):
     assert not preds[1].ok and "this model reads patterns, not images" in preds[1].error
     body = serving_payload(cif, p)
     assert np.asarray(body["inputs"]).shape == (1, 8501, 1)
+    # What `mlflow models serve` runs on /invocations: the logged model's pyfunc on that body.
+    served = mlflow.pyfunc.load_model(out["model_uri"]).predict(np.asarray(body["inputs"], dtype=np.float32))
+    np.testing.assert_allclose(np.asarray(served)[0], preds[0].probabilities, atol=1e-5)
 
 
 def test_cnn1d_bad_inputs_are_one_line(workdir):
