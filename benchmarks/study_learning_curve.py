@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import re
+import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,7 @@ def run_point(point: str, args: argparse.Namespace, params: Any, cod: Any, paren
         "best_epoch": info["best_epoch"],
         "train_seconds": round(train_s, 1),
         "temperature": round(info["temperature"], 4),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         **{k: v for k, v in figures.items() if k.startswith(("test_", "unseen_", "n_"))},
     }
     log(
