@@ -258,6 +258,14 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--kind", default="cnn1d", choices=["cnn1d", "vgg16"])
+    ap.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an ablation: params changed for these points (e.g. cnn1d.architecture=plain); its rows are "
+        "named <point>/<changes>",
+    )
     ap.add_argument("--plot", type=Path, default=ROOT / "plots" / "learning_curve.csv")
     args = ap.parse_args()
 
@@ -276,6 +284,14 @@ def main() -> None:
         train=dataclasses.replace(p.train, epochs=args.epochs, batch_size=args.batch, learning_rate=args.lr),
         pattern=dataclasses.replace(p.pattern, patterns_per_epoch=args.per_epoch),
     )
+    if args.set:
+        import yaml
+
+        from xrdvision.models.search_space import apply_overrides
+
+        changes = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
+        params = apply_overrides(params, changes)
+    suffix = "/" + ",".join(args.set) if args.set else ""
     rows: list[dict[str, Any]] = json.loads(args.out.read_text())["points"] if args.out.is_file() else []
     done = {(r["model_kind"], r["label_mode"], r["source"]) for r in rows}
     run = run_point if args.kind == "cnn1d" else run_vgg_point
@@ -289,22 +305,26 @@ def main() -> None:
     with mlflow.start_run(run_id=parent_id, run_name=None if parent_id else name) as parent:
         mlflow.set_tags({"label_mode": args.mode, "study": "learning_curve"})
         for point in args.points:
-            if (args.kind, args.mode, point) in done:
-                log(f"{args.kind} {point}: done already, skipped")
+            if (args.kind, args.mode, point + suffix) in done:
+                log(f"{args.kind} {point + suffix}: done already, skipped")
                 continue
-            rows.append(run(point, args, params, cod, parent.info.run_id))
+            row = run(point, args, params, cod, parent.info.run_id)
+            budget = {
+                "epochs": args.epochs,
+                "patterns_per_epoch": args.per_epoch,
+                "batch": args.batch,
+                "lr": args.lr,
+            }
+            rows.append(row | {"source": point + suffix, "changes": args.set, "budget": budget})
             write_plot_csv(rows, args.plot)
             write_json(
                 args.out,
                 {
                     "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU",
-                    "settings": {
-                        "epochs": args.epochs,
-                        "patterns_per_epoch": args.per_epoch,
-                        "batch": args.batch,
-                        "learning_rate": args.lr,
-                        "cnn1d": dataclasses.asdict(params.cnn1d),
-                        "pattern": dataclasses.asdict(params.pattern),
+                    "defaults": {  # params.yaml's; a row's changes and budget say what differed
+                        "cnn1d": dataclasses.asdict(p.cnn1d),
+                        "pattern": dataclasses.asdict(p.pattern),
+                        "conditions": dataclasses.asdict(p.conditions),
                     },
                     "points": rows,
                 },
