@@ -42,6 +42,7 @@ import numpy as np
 from xrdvision.config import Params
 from xrdvision.crystal.powder import PowderSettings, simulate_batch
 from xrdvision.data.generate_inputs import fit, training_sets
+from xrdvision.data.generate_report import stage_metrics
 from xrdvision.data.generator_sample import Sampler
 from xrdvision.data.mp_source import mp_labels, reduced_formula
 from xrdvision.data.peaklists_report import summarise
@@ -303,7 +304,7 @@ def run_generate(
     summary = summarise(out_dir, [files[t.name] for t in tasks], base, counts, [])
     summary["mismatch_rate"] = summary.get("labels", {}).get("disagreement_rate")
     write_json(out_dir / "summary.json", summary)
-    metrics = _metrics(
+    metrics = stage_metrics(
         params, stats, summary, [files[t.name] for t in tasks], Path(patterns_dir), split_dir, plots_dir
     )
     write_json(metrics_path, metrics)
@@ -314,47 +315,6 @@ def run_generate(
         "peak_rss_mb": round(peak_rss),
     }
     return summary
-
-
-def _metrics(
-    params: Params,
-    stats: dict[str, Any],
-    summary: dict[str, Any],
-    files: list[Path],
-    patterns_dir: Path,
-    split_dir: Path,
-    plots_dir: Path,
-) -> dict[str, Any]:
-    """``metrics/generate.json``: counts, mismatch rate, the realism KS statistics (plots written)."""
-    from xrdvision.data.generate_report import (
-        CELL_SAMPLE,
-        generated_cells,
-        peak_quantities,
-        real_peak_lists,
-        realism,
-        shard_quantities,
-    )
-    from xrdvision.data.mp_source import crystal_system_of
-
-    g = params.generate
-    sampler = Sampler(stats, g.max_atoms, g.min_distance)
-    real = {k: v for k, v in stats["real"].items()}
-    real["crystal_system"] = [crystal_system_of(x) for x in real["space_group"]]
-    real |= peak_quantities(real_peak_lists(patterns_dir / "patterns.npz", split_dir))
-    generated = generated_cells(sampler, g.prior, min(g.n_crystals, CELL_SAMPLE), params.seed)
-    generated |= shard_quantities(files)
-    Path(plots_dir).mkdir(parents=True, exist_ok=True)
-    n_failed = summary.get("n_failed", 0)
-    return {
-        "n_crystals": g.n_crystals,
-        "n_simulated": summary.get("n_structures", 0),
-        "n_failed": n_failed,
-        "failed_rate": round(n_failed / max(g.n_crystals, 1), 4),
-        "space_group_mismatch_rate": summary.get("mismatch_rate"),
-        "n_fit_structures": stats["n_structures"],
-        **{f"fit_levels_{k}": v for k, v in stats["levels_used"].items()},
-        **realism(real, generated, plots_dir),
-    }
 
 
 def _asdict(section: Any) -> dict[str, Any]:

@@ -11,7 +11,7 @@ disjoint), and drawn as two histograms on common bins (``plots/generate/<quantit
 * from the peak lists (K-alpha1, lines of at least ``MIN_LINE`` of the strongest): the number of lines in
   the 2-theta range, the first line's position, and the share of the intensity in the 10 strongest
   lines (real: COD's training structures' peak lists from ``data/patterns/patterns.npz``; generated:
-  the shards);
+  the shards, the first ``20 000`` crystals);
 * the crystal-system and space-group frequencies (systems in their order triclinic..cubic, groups by
   number: KS on the ordinal, and the histograms).
 """
@@ -24,8 +24,10 @@ from typing import Any
 
 import numpy as np
 
+from xrdvision.config import Params
 from xrdvision.crystal.systems import CRYSTAL_SYSTEMS
 from xrdvision.data.generator_sample import Sampler
+from xrdvision.data.mp_source import crystal_system_of
 from xrdvision.formats.atomic import atomic_path
 from xrdvision.formats.patterns import load_patterns
 from xrdvision.formats.peaklists import read_shard
@@ -127,12 +129,45 @@ def realism(
     return out
 
 
-def shard_quantities(files: Sequence[Path]) -> dict[str, list[Any]]:
-    """Peak-list quantities and labels of the generated crystals in ``files``."""
+def shard_quantities(files: Sequence[Path], most: int = 20_000) -> dict[str, list[Any]]:
+    """Peak-list quantities and labels of the generated crystals in ``files`` (the first ``most``)."""
     lists, systems, groups = [], [], []
     for path in files:
+        if len(lists) >= most:
+            break
         shard = read_shard(path)
         lists.extend(shard.peaks(i) for i in range(len(shard)))
         systems.extend(shard.crystal_system)
         groups.extend(int(x) for x in shard.space_group)
     return {**peak_quantities(lists), "crystal_system": systems, "space_group": groups}
+
+
+def stage_metrics(
+    params: Params,
+    stats: dict[str, Any],
+    summary: dict[str, Any],
+    files: list[Path],
+    patterns_dir: Path,
+    split_dir: Path,
+    plots_dir: Path,
+) -> dict[str, Any]:
+    """``metrics/generate.json``: counts, mismatch rate, the realism KS statistics (plots written)."""
+    g = params.generate
+    sampler = Sampler(stats, g.max_atoms, g.min_distance)
+    real = {k: v for k, v in stats["real"].items()}
+    real["crystal_system"] = [crystal_system_of(x) for x in real["space_group"]]
+    real |= peak_quantities(real_peak_lists(patterns_dir / "patterns.npz", split_dir))
+    generated = generated_cells(sampler, g.prior, min(g.n_crystals, CELL_SAMPLE), params.seed)
+    generated |= shard_quantities(files)
+    Path(plots_dir).mkdir(parents=True, exist_ok=True)
+    n_failed = summary.get("n_failed", 0)
+    return {
+        "n_crystals": g.n_crystals,
+        "n_simulated": summary.get("n_structures", 0),
+        "n_failed": n_failed,
+        "failed_rate": round(n_failed / max(g.n_crystals, 1), 4),
+        "space_group_mismatch_rate": summary.get("mismatch_rate"),
+        "n_fit_structures": stats["n_structures"],
+        **{f"fit_levels_{k}": v for k, v in stats["levels_used"].items()},
+        **realism(real, generated, plots_dir),
+    }
