@@ -307,3 +307,28 @@ def test_kill_9_leaves_whole_shards_and_the_rerun_resumes(
         run_generate(p, *paths, work)
     assert f"resuming: {len(written)} of 30 shards already done" in caplog.text
     assert not work.exists() and len(list(out.glob("synth-*.npz"))) == 30
+
+
+def test_off_writes_no_shards_and_a_uniform_prior_covers_all_groups(
+    pipeline: dict[str, Any], stats: dict[str, Any], tmp_path: Path
+) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "synth-00007.npz").write_bytes(b"left over")
+    p = params(n_crystals=0)
+    s = run(p, pipeline, tmp_path)
+    assert s["enabled"] is False and not list((tmp_path / "out").glob("synth-*"))
+    assert json.loads((tmp_path / "m.json").read_text()) == {"n_crystals": 0}
+    assert (
+        synth_peer.run_synth_peer(
+            p, tmp_path / "out", pipeline["split"], pipeline["patterns"], tmp_path / "m.json"
+        )
+        == {}
+    )
+    sampler = Sampler(stats, 200)
+    assert np.allclose(sampler.space_group_prior("uniform"), 1 / 230)
+    train = sampler.space_group_prior("train")
+    assert set(np.flatnonzero(train) + 1) == {int(k) for k in stats["space_group_frequency"]}
+    rng = np.random.default_rng(3)
+    for sg in (1, 75, 143, 168, 195, 230):  # groups no training structure has: pooled statistics
+        rec = sampler.crystal(sg, rng, "x")
+        assert rec is not None and mp_labels(rec)[1] == group_table(sg).crystal_system
