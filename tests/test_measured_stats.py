@@ -119,7 +119,7 @@ def test_training_draws_follow_the_conditions():
     p = Params()
     t = training_draws(p.conditions, p.pattern, 2000, 0)
     assert set(QUANTITIES) <= set(t)
-    assert 0.4 < float(np.mean(t["kalpha2_ratio"] > 0)) < 0.6  # kalpha2: 0.5
+    assert float(np.mean(t["kalpha2_ratio"] > 0)) == pytest.approx(p.conditions.kalpha2, abs=0.04)
     assert t["background_level"].max() <= p.conditions.background
     # widest: U, W at their tops, V at 0, the smallest crystallites
     top = math.sqrt(
@@ -156,7 +156,9 @@ def test_stage_on_real_files(tmp_path):
     for f in files:
         (folder / f).parent.mkdir(parents=True, exist_ok=True)
         (folder / f).write_bytes((EXPERIMENTAL_DIR / f).read_bytes())
-    (folder / "INDEX.csv").write_text("file,crystal_system\n" + "".join(f"{f},x\n" for f in files))
+    (folder / "INDEX.csv").write_text(
+        "file,crystal_system,space_group\n" + "".join(f"{f},x,227\n" for f in files)
+    )
     p = Params()
     p = dataclasses.replace(p, measured=dataclasses.replace(p.measured, folder=str(folder)))
     m = run_measure_scans(p, tmp_path / "m.json", tmp_path / "plots")
@@ -168,3 +170,27 @@ def test_stage_on_real_files(tmp_path):
         assert 0.35 < float(r["kalpha2_ratio"]) < 0.6, r
     assert float(rows[files[1]]["two_theta_max"]) == pytest.approx(65.0)
     assert float(rows[files[2]]["step"]) == pytest.approx(0.0131, abs=1e-4)
+    # the pyrochlore states its refined cell: Fd-3m lines give its zero offset (Empyrean, -0.05 degree)
+    assert -0.1 < float(rows[files[2]]["zero_offset"]) < 0
+    assert float(rows[files[2]]["cell_a"]) == pytest.approx(10.4956, abs=0.01)
+
+
+def test_allowed_reflections_of_each_centring():
+    from xrdvision.serve.zero_offset import allowed_n
+
+    assert allowed_n("F", 20).tolist() == [3, 4, 8, 11, 12, 16, 19, 20]
+    assert allowed_n("I", 14).tolist() == [2, 4, 6, 8, 10, 12, 14]
+    assert allowed_n("P", 9).tolist() == [1, 2, 3, 4, 5, 6, 8, 9]  # 7 is no sum of three squares
+
+
+def test_zero_offset_of_a_cubic_phase_apart_from_its_cell():
+    from xrdvision.crystal.bragg import two_theta
+    from xrdvision.serve.zero_offset import fit_zero_offset, header_cell
+
+    ns = np.array([3, 4, 8, 11, 12, 16, 19])  # rock salt, a = 5.66 (1 % off the seed), offset +0.05
+    lines = two_theta(5.66 / np.sqrt(ns)) + 0.05
+    zero, a, used = fit_zero_offset(lines, 5.64, "F")
+    assert zero == pytest.approx(0.05, abs=1e-4) and a == pytest.approx(5.66, abs=1e-4) and used == 7
+    assert math.isnan(fit_zero_offset(lines[:2], 5.64, "F")[0])  # two lines: not determined
+    assert header_cell("# Rietveld (FullProf, in source): cubic Fd-3m (227), a = 10.47740 A") == 10.4774
+    assert header_cell("# a comment") is None

@@ -28,6 +28,7 @@ from xrdvision.formats.scans import measured_range, read_pattern
 from xrdvision.formats.tables import read_table, write_table
 from xrdvision.serve import peak_fit
 from xrdvision.serve.preprocess import background
+from xrdvision.serve.zero_offset import CENTRING_OF_SG, CUBIC_SEEDS, fit_zero_offset, header_cell
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ QUANTITIES = (
     "two_theta_min",
     "two_theta_max",
     "step",
+    "zero_offset",
 )
 
 
@@ -78,6 +80,8 @@ class ScanStats:
     background_start: float = math.nan
     background_end: float = math.nan
     hump: float = math.nan
+    zero_offset: float = math.nan  # degrees; cubic phases of known cell only (serve/zero_offset.py)
+    cell_a: float = math.nan
     error: str = ""
     peaks: list[peak_fit.PeakFit] = field(default_factory=list, repr=False)
 
@@ -88,9 +92,14 @@ def _source_of(file: str) -> str:
 
 
 def measure_scan(
-    path: Path, file: str = "", crystal_system: str = "", wavelength: float | None = None
+    path: Path,
+    file: str = "",
+    crystal_system: str = "",
+    wavelength: float | None = None,
+    cell: tuple[float, str] | None = None,
 ) -> ScanStats:
-    """All figures of one pattern; a file that cannot be read gets ``error`` (one line) and NaNs."""
+    """All figures of one pattern; a file that cannot be read gets ``error`` (one line) and NaNs.
+    ``cell`` (a cubic edge in A and its centring, F/I/P) adds the zero offset."""
     st = ScanStats(file or str(path), _source_of(file or path.name), crystal_system)
     try:
         pattern = read_pattern(path, wavelength)
@@ -136,6 +145,9 @@ def measure_scan(
             for a, v in zip(ANGLES, law, strict=True):  # no extrapolation far beyond the fitted lines
                 if at.min() - 10 <= a <= at.max() + 10:
                     setattr(st, f"fwhm_{a:.0f}", float(v))
+        if cell is not None:
+            zero, edge, _ = fit_zero_offset(at, *cell)
+            st.zero_offset, st.cell_a = zero, edge
     return st
 
 
@@ -175,6 +187,7 @@ def training_draws(cond: ConditionsParams, pat: PatternParams, n: int, seed: int
     cut = rng.random(n) < cond.range_cut
     out["two_theta_max"] = np.where(cut, rng.uniform(cond.range_min, pat.two_theta_max, n), pat.two_theta_max)
     out["step"] = np.full(n, pat.step)
+    out["zero_offset"] = rng.uniform(-cond.zero_shift, cond.zero_shift, n)
     return out
 
 
@@ -286,6 +299,25 @@ def write_outputs(out_dir: Path, stats: list[ScanStats], train: dict[str, np.nda
         )
 
 
+def cubic_cell(path: Path, row: dict[str, str]) -> tuple[float, str] | None:
+    """The seed cell of a cubic pattern: a handbook edge for the RockJock standards, else an edge its
+    header states (``a = ... A``) with the centring of its INDEX space group; None otherwise."""
+    if row["file"] in CUBIC_SEEDS:
+        return CUBIC_SEEDS[row["file"]]
+    try:
+        sg = int(float(row.get("space_group") or 0))
+    except ValueError:
+        return None
+    if sg not in CENTRING_OF_SG:
+        return None
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            edge = header_cell(fh.read(2048))
+    except OSError:
+        return None
+    return (edge, CENTRING_OF_SG[sg]) if edge else None
+
+
 def run_measure_scans(params: Params, out_metrics: str | Path, out_dir: str | Path) -> dict[str, Any]:
     """Measure every pattern in ``measured.folder``/``index`` (see the module doc); write ``out_dir`` and
     ``out_metrics``. Unreadable files are listed with their one-line reason and the rest goes on."""
@@ -310,7 +342,8 @@ def run_measure_scans(params: Params, out_metrics: str | Path, out_dir: str | Pa
     )
     show = logger.isEnabledFor(logging.INFO)
     for row in tqdm(rows, desc="measure", unit="pattern", disable=not show):
-        st = measure_scan(folder / row["file"], row["file"], row.get("crystal_system", ""), None)
+        cell = cubic_cell(folder / row["file"], row)
+        st = measure_scan(folder / row["file"], row["file"], row.get("crystal_system", ""), None, cell)
         if st.error:
             logger.warning("measure_scans: %s", st.error)
         stats.append(st)
