@@ -139,7 +139,7 @@ def test_training_draws_follow_the_conditions():
 def test_stage_without_the_folder_writes_the_training_side(tmp_path):
     p = Params()
     p = dataclasses.replace(p, measured=dataclasses.replace(p.measured, folder=str(tmp_path / "absent")))
-    m = run_measure_scans(p, tmp_path / "m.json", tmp_path / "plots")
+    m = run_measure_scans(p, tmp_path / "m.json", tmp_path / "plots", None)
     assert m["skipped"] and "does not exist" in m["reason"]
     assert json.loads((tmp_path / "m.json").read_text())["skipped"] is True
     rows = list(csv.DictReader((tmp_path / "plots" / "quantiles_fwhm_40.csv").read_text().splitlines()))
@@ -161,7 +161,8 @@ def test_stage_on_real_files(tmp_path):
     )
     p = Params()
     p = dataclasses.replace(p, measured=dataclasses.replace(p.measured, folder=str(folder)))
-    m = run_measure_scans(p, tmp_path / "m.json", tmp_path / "plots")
+    cache = tmp_path / "cache" / "measure.json"
+    m = run_measure_scans(p, tmp_path / "m.json", tmp_path / "plots", cache)
     assert not m["skipped"] and m["n_patterns"] == 3 and m["n_failed"] == 0
     rows = {r["file"]: r for r in csv.DictReader((tmp_path / "plots" / "scans.csv").read_text().splitlines())}
     for f in files:
@@ -173,6 +174,27 @@ def test_stage_on_real_files(tmp_path):
     # the pyrochlore states its refined cell: Fd-3m lines give its zero offset (Empyrean, -0.05 degree)
     assert -0.1 < float(rows[files[2]]["zero_offset"]) < 0
     assert float(rows[files[2]]["cell_a"]) == pytest.approx(10.4956, abs=0.01)
+
+    # a second run takes each pattern's figures from the cache (shown by a planted value) ...
+    kept = json.loads(cache.read_text())
+    assert len(kept) == 3
+    planted = next(k for k in kept if k.startswith(files[0] + "|"))
+    kept[planted]["fwhm_40"] = 9.99
+    cache.write_text(json.dumps(kept))
+    again = run_measure_scans(p, tmp_path / "m2.json", tmp_path / "plots2", cache)
+    rows2 = {
+        r["file"]: r for r in csv.DictReader((tmp_path / "plots2" / "scans.csv").read_text().splitlines())
+    }
+    assert float(rows2[files[0]]["fwhm_40"]) == 9.99 and rows2[files[1]] == rows[files[1]]
+    assert again["n_peaks_fitted"] == m["n_peaks_fitted"]
+    # ... and measures a file again once its bytes change
+    with open(folder / files[0], "a") as fh:
+        fh.write("# appended comment\n")
+    run_measure_scans(p, tmp_path / "m3.json", tmp_path / "plots3", cache)
+    rows3 = {
+        r["file"]: r for r in csv.DictReader((tmp_path / "plots3" / "scans.csv").read_text().splitlines())
+    }
+    assert rows3[files[0]]["fwhm_40"] == rows[files[0]]["fwhm_40"]
 
 
 def test_allowed_reflections_of_each_centring():

@@ -37,6 +37,7 @@ QUANTILES = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95)
 PLOT_QUANTILES = tuple(round(q, 2) for q in np.linspace(0.02, 0.98, 49))
 TRAINING_DRAWS = 4000
 SOURCES = ("rruff_agi", "rockjock", "other")  # the folders of ../shared/experimental (plot columns)
+CACHE_FILE = Path("data/cache/measure_scans.json")  # per-pattern figures kept between runs (gitignored)
 KALPHA2_PRESENT = 0.25  # a fitted K-alpha2/K-alpha1 ratio above this: the doublet is there
 # The quantities compared with training, per pattern (the table's columns).
 QUANTITIES = (
@@ -318,9 +319,56 @@ def cubic_cell(path: Path, row: dict[str, str]) -> tuple[float, str] | None:
     return (edge, CENTRING_OF_SG[sg]) if edge else None
 
 
-def run_measure_scans(params: Params, out_metrics: str | Path, out_dir: str | Path) -> dict[str, Any]:
+def _code_digest() -> str:
+    """Digest of the code and libraries a pattern's figures depend on (not the conditions)."""
+    import hashlib
+    import sys
+
+    import pybaselines
+    import scipy
+
+    from xrdvision.formats import scan_readers, scans
+    from xrdvision.serve import preprocess, zero_offset
+
+    h = hashlib.sha256(f"{np.__version__} {scipy.__version__} {pybaselines.__version__}".encode())
+    for m in (scans, scan_readers, peak_fit, preprocess, zero_offset, sys.modules[__name__]):
+        h.update(Path(str(m.__file__)).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _cached_measure(
+    path: Path, row: dict[str, str], cache: dict[str, Any], digest: str
+) -> tuple[ScanStats, str]:
+    """:func:`measure_scan` of one INDEX row, from ``cache`` when the file's bytes, its cell and the code
+    are the same (a change of ``conditions:`` then reruns in seconds, not minutes); and its cache key."""
+    import hashlib
+
+    cell = cubic_cell(path, row)
+    try:
+        key = f"{row['file']}|{hashlib.sha256(path.read_bytes()).hexdigest()}|{cell}|{digest}"
+    except OSError:
+        key = ""
+    hit = cache.get(key)
+    if hit is not None:
+        return ScanStats(**{**hit, "peaks": [peak_fit.PeakFit(**p) for p in hit["peaks"]]}), key
+    st = measure_scan(path, row["file"], row.get("crystal_system", ""), None, cell)
+    if key:
+        cache[key] = asdict(st)
+    return st, key
+
+
+def run_measure_scans(
+    params: Params,
+    out_metrics: str | Path,
+    out_dir: str | Path,
+    cache_file: str | Path | None = CACHE_FILE,
+) -> dict[str, Any]:
     """Measure every pattern in ``measured.folder``/``index`` (see the module doc); write ``out_dir`` and
-    ``out_metrics``. Unreadable files are listed with their one-line reason and the rest goes on."""
+    ``out_metrics``. Unreadable files are listed with their one-line reason and the rest goes on.
+    ``cache_file`` (JSON, outside the DVC outputs; None = none) keeps each pattern's figures between
+    runs."""
+    import json
+
     from tqdm import tqdm
 
     out_metrics, out_dir = Path(out_metrics), Path(out_dir)
@@ -341,12 +389,23 @@ def run_measure_scans(params: Params, out_metrics: str | Path, out_dir: str | Pa
         folder / params.measured.index, ["file", "crystal_system"], "index of measured patterns"
     )
     show = logger.isEnabledFor(logging.INFO)
+    cache: dict[str, Any] = {}
+    if cache_file and Path(cache_file).is_file():
+        try:
+            cache = json.loads(Path(cache_file).read_text())
+        except (OSError, ValueError):  # a damaged cache is rebuilt
+            cache = {}
+    digest, used = _code_digest(), {}
     for row in tqdm(rows, desc="measure", unit="pattern", disable=not show):
-        cell = cubic_cell(folder / row["file"], row)
-        st = measure_scan(folder / row["file"], row["file"], row.get("crystal_system", ""), None, cell)
+        st, key = _cached_measure(folder / row["file"], row, cache, digest)
+        if key:
+            used[key] = cache[key]  # the cache keeps only what this run used
         if st.error:
             logger.warning("measure_scans: %s", st.error)
         stats.append(st)
+    if cache_file:
+        Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
+        write_json(cache_file, used)
     metrics = {
         "skipped": False,
         "folder": str(folder),
