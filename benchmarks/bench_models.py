@@ -79,6 +79,7 @@ def main() -> None:
     from xrdvision.models.train_cnn1d import measured_batch, pattern_batches
     from xrdvision.models.vgg16 import build_model, resolve_weights
 
+    load_before = os.getloadavg()[0]
     params = load_params(ROOT / "params.yaml")
     params = dataclasses.replace(params, train=dataclasses.replace(params.train, batch_size=args.batch))
     classes = class_names("crystal_system")
@@ -122,6 +123,7 @@ def main() -> None:
         "render_patterns_per_s": round(render_rate, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "batch": args.batch,
+        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # before, after
         "note": "forward passes only for inference; training includes drawing the patterns on the fly",
     }
     write_json(OUT, out)
