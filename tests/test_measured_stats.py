@@ -120,7 +120,8 @@ def test_training_draws_follow_the_conditions():
     t = training_draws(p.conditions, p.pattern, 2000, 0)
     assert set(QUANTITIES) <= set(t)
     assert float(np.mean(t["kalpha2_ratio"] > 0)) == pytest.approx(p.conditions.kalpha2, abs=0.04)
-    assert t["background_level"].max() <= p.conditions.background
+    assert t["background_level"].max() <= p.conditions.background + p.conditions.hump
+    assert t["hump"].max() <= p.conditions.hump + p.conditions.background
     # widest: U, W at their tops, V at 0, the smallest crystallites
     top = math.sqrt(
         float(

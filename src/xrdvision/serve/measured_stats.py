@@ -153,14 +153,16 @@ def measure_scan(
 
 
 def training_draws(cond: ConditionsParams, pat: PatternParams, n: int, seed: int) -> dict[str, np.ndarray]:
-    """The same figures as :class:`ScanStats`, drawn from ``conditions:`` as the generator draws them.
-
-    Widths: FWHM_instrument^2 = U tan^2 + V tan + W (U, V, W uniform in their ranges), Scherrer
-    0.9 lambda / (L cos theta) with L log-uniform (nm -> A), combined in quadrature. Noise at the
-    background: Gaussian sd uniform in ``noise``, or (share ``poisson``) sqrt(background x counts) /
-    counts with counts log-uniform; background level uniform in [0, background], hump in [0, hump];
-    a share ``range_cut`` of scans stops uniformly in [range_min, two_theta_max].
+    """The same figures as :class:`ScanStats`, drawn from ``conditions:`` with the generator's own code
+    (:mod:`xrdvision.data.measurement`): line widths from its ``line_fwhm`` (Caglioti + Scherrer in
+    quadrature, U, V, W uniform, sizes log-uniform), backgrounds from its ``backgrounds`` (a cubic up to
+    ``background`` plus a hump up to ``hump``) measured as the scans are (median level; highest rise
+    above the chord between the 2-degree ends). Noise at the background: Gaussian sd uniform in
+    ``noise``, or (share ``poisson``) sqrt(level x counts) / counts with counts log-uniform; a share
+    ``range_cut`` of scans stops uniformly in [range_min, two_theta_max].
     """
+    from xrdvision.data.measurement import backgrounds, line_fwhm
+
     rng = np.random.default_rng(seed)
 
     def uniform(r: list[float]) -> np.ndarray:
@@ -170,17 +172,20 @@ def training_draws(cond: ConditionsParams, pat: PatternParams, n: int, seed: int
         return np.exp(rng.uniform(math.log(r[0]), math.log(r[1]), n))
 
     u, v, w = uniform(cond.caglioti_u), uniform(cond.caglioti_v), uniform(cond.caglioti_w)
-    size_a = 10.0 * log_uniform(cond.crystallite_nm)
+    size_nm = log_uniform(cond.crystallite_nm)
     out: dict[str, np.ndarray] = {}
     for a in ANGLES:
-        inst = peak_fit.caglioti_fwhm(np.full(n, a), u, v, w)
-        size = peak_fit.scherrer_fwhm(np.full(n, a), 1.0) / size_a
-        out[f"fwhm_{a:.0f}"] = np.sqrt(inst**2 + size**2)
+        out[f"fwhm_{a:.0f}"] = line_fwhm(np.full(n, a), u, v, w, size_nm, CU_KA1)
     out["eta"] = uniform(cond.eta)
     out["kalpha2_ratio"] = np.where(rng.random(n) < cond.kalpha2, 0.5, 0.0)
-    level = rng.uniform(0, cond.background, n)
+    x = np.arange(pat.two_theta_min, pat.two_theta_max + 1e-9, 0.05)
+    bg = backgrounds(n, x, cond, rng).astype(np.float64)
+    edge = round(2.0 / 0.05)
+    start, end = bg[:, :edge].mean(axis=1), bg[:, -edge:].mean(axis=1)
+    chord = start[:, None] + (end - start)[:, None] * (x - x[0])[None, :] / (x[-1] - x[0])
+    level = np.median(bg, axis=1)
     out["background_level"] = level
-    out["hump"] = rng.uniform(0, cond.hump, n)
+    out["hump"] = np.clip((bg - chord).max(axis=1), 0.0, None)
     counts = log_uniform(cond.counts)
     poisson = np.sqrt(np.maximum(level, 1.0 / counts) * counts) / counts
     out["noise"] = np.where(rng.random(n) < cond.poisson, poisson, uniform(cond.noise))
@@ -322,7 +327,7 @@ def cubic_cell(path: Path, row: dict[str, str]) -> tuple[float, str] | None:
 def _code_digest() -> str:
     """Digest of the code and libraries a pattern's figures depend on (not the conditions)."""
     import hashlib
-    import sys
+    import inspect
 
     import pybaselines
     import scipy
@@ -331,8 +336,10 @@ def _code_digest() -> str:
     from xrdvision.serve import preprocess, zero_offset
 
     h = hashlib.sha256(f"{np.__version__} {scipy.__version__} {pybaselines.__version__}".encode())
-    for m in (scans, scan_readers, peak_fit, preprocess, zero_offset, sys.modules[__name__]):
+    for m in (scans, scan_readers, peak_fit, preprocess, zero_offset):
         h.update(Path(str(m.__file__)).read_bytes())
+    for f in (ScanStats, measure_scan, cubic_cell):  # this module's per-pattern part, not the draws
+        h.update(inspect.getsource(f).encode())
     return h.hexdigest()[:16]
 
 
