@@ -45,6 +45,7 @@ from xrdvision.data.generate_inputs import fit, training_sets
 from xrdvision.data.generate_report import stage_metrics
 from xrdvision.data.generator_sample import Sampler
 from xrdvision.data.mp_source import mp_labels, reduced_formula
+from xrdvision.data.peaklists import powder_settings
 from xrdvision.data.peaklists_report import summarise
 from xrdvision.data.shard_runner import run_tasks
 from xrdvision.errors import XrdVisionError
@@ -108,16 +109,6 @@ def code_digest() -> str:
         h.update(Path(str(importlib.import_module(name).__file__)).read_bytes())
     h.update(f"numpy {np.__version__} spglib {spglib.__version__} pyxtal {pyxtal.__version__}".encode())
     return h.hexdigest()
-
-
-def powder_settings(params: Params) -> PowderSettings:
-    s = params.simulate
-    return PowderSettings(
-        wavelength=s.wavelength,
-        two_theta_min=s.two_theta_min,
-        two_theta_max=s.two_theta_max,
-        with_normals=True,
-    )
 
 
 def plan_tasks(params: Params, stats_text: str) -> list[GenerateTask]:

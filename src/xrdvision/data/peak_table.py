@@ -13,6 +13,7 @@ for 852 with pymatgen), not at every training run.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -26,6 +27,7 @@ from xrdvision.config import Params
 from xrdvision.crystal.powder import PowderSettings
 from xrdvision.data.cod_set import CodSet, build_cod_set
 from xrdvision.data.measurement import Lines, gather
+from xrdvision.data.peaklists import powder_settings as peaklists_settings
 from xrdvision.errors import InputError
 from xrdvision.formats.peaklists import read_shards
 from xrdvision.formats.tables import read_split, read_table
@@ -128,15 +130,9 @@ def from_cod_set(cod: CodSet, wavelength: float) -> PeakTable:
 
 
 def powder_settings(params: Params) -> PowderSettings:
-    """K-alpha1 peak lists on the simulate range, with plane normals; close atoms summed as they are."""
-    s = params.simulate
-    return PowderSettings(
-        wavelength=s.wavelength,
-        two_theta_min=s.two_theta_min,
-        two_theta_max=s.two_theta_max,
-        with_normals=True,
-        min_distance=0.0,
-    )
+    """The peaklists stage's settings (K-alpha1 on the simulate range, plane normals), with close atoms
+    summed as they are: COD CIFs, as the per-CIF simulator reads them (see :mod:`xrdvision.data.cod_set`)."""
+    return dataclasses.replace(peaklists_settings(params), min_distance=0.0)
 
 
 def cod_table(params: Params, manifest_path: Path = Path("data/patterns/manifest.csv")) -> PeakTable:
