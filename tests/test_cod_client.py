@@ -189,7 +189,9 @@ def test_cod_rate_limit_spaces_requests(fake_cod: FakeCod, tmp_path: Path) -> No
 
     assert len(fake_cod.requests) == 4
     assert elapsed >= 0.6  # three gaps of at least 0.2 s (a lower bound, not a speed test)
-    assert min(fake_cod.gaps()) >= 0.19
+    # Gaps between the server's arrival stamps: a few ms of scheduling jitter on a loaded machine (0.188 s
+    # seen with load 7 on 2 cores) is not a client that skips its polite wait (that would be ~0 s).
+    assert min(fake_cod.gaps()) >= 0.17
 
 
 def test_cod_retries_keep_the_polite_interval(fake_cod: FakeCod, tmp_path: Path) -> None:
@@ -200,7 +202,7 @@ def test_cod_retries_keep_the_polite_interval(fake_cod: FakeCod, tmp_path: Path)
     client.fetch_cif(IDS[1], tmp_path)
 
     assert len(fake_cod.requests) == 3
-    assert min(fake_cod.gaps()) >= 0.19  # before the retry, and after it before the next id
+    assert min(fake_cod.gaps()) >= 0.17  # before the retry, and after it before the next id
 
 
 def test_cod_keeps_a_callers_session_and_agent(fake_cod: FakeCod, tmp_path: Path) -> None:

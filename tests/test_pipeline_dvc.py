@@ -48,6 +48,9 @@ def make_repo(tmp: Path, per_system: int, overrides: dict) -> tuple[Path, dict[s
     names = [f"{cod_id}.cif" for cod_id in _pick_cifs(per_system)]
     shipped = read_members(EMBEDDED_DIR / ARCHIVE_NAME, names)
     write_archive(repo / "data" / "embedded" / ARCHIVE_NAME, shipped)
+    shutil.copy(
+        ROOT / "data" / "measured_split.csv", repo / "data" / "measured_split.csv"
+    )  # committed, a dep
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for section, values in overrides.items():
         params[section].update(values)

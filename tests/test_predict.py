@@ -195,7 +195,10 @@ def test_every_input_kind_predicted_bad_files_reported(mixed, inputs, loaded):
     expected_errors = {
         "empty": "empty file",
         "junk": "binary file, not a two-column text pattern",
-        "raw": "Bruker/Rigaku RAW is a binary format; export the pattern as two-column text",
+        "raw": (
+            "Bruker/Rigaku RAW is a binary format with no maintained reader here; export the pattern as "
+            "two-column text"
+        ),
         "missing": "file not found",
         "bad_cif": "pymatgen:",
         "small_png": "image is 120x100, expected 224x224",

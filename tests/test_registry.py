@@ -142,7 +142,7 @@ def test_promotion_both_ways_with_real_models(tiny, work):
     assert lost["line"] == (
         f"promote: {NAME} v{good} stays champion; challenger not higher: test_accuracy "
         f"{lost['challenger']['test_accuracy']:.4f} (v{poor}) vs {lost['champion']['test_accuracy']:.4f} "
-        f"(v{good}) on 9 test images"
+        f"(v{good}) on 9 test structures"
     )
     # The same figures as the first contest: same models, same test split.
     assert lost["challenger"]["test_accuracy"] == pytest.approx(won["champion"]["test_accuracy"])

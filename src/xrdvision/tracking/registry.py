@@ -175,7 +175,7 @@ def decision_line(r: dict[str, Any]) -> str:
     """One line saying what was decided and why (both figures, same test split)."""
     name, m, ch_v, cp_v = r["registered_model"], r["metric"], r["challenger_version"], r["champion_version"]
     ch = r["challenger"][m]
-    n = f"on {r['n_test']} test images"
+    n = f"on {r['n_test']} test structures"
     if r["decision"] == "first":
         return f"promote: {name} v{ch_v} is the first {CHAMPION} ({m} {ch:.4f} {n})"
     cp = r["champion"][m]
