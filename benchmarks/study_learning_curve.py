@@ -86,6 +86,27 @@ def score(model: Any, params: Any, cod: Any, table: Any) -> dict[str, Any]:
     return out
 
 
+def curve_row(
+    kind: str, mode: str, point: str, n_train: int, figures: dict[str, Any], info: dict[str, Any]
+) -> dict[str, Any]:
+    """The fields every curve point has (learning_curve.json), from its unseen-COD figures."""
+    return {
+        "model_kind": kind,
+        "label_mode": mode,
+        "source": point,
+        "n_train": n_train,
+        "accuracy": figures["unseen_accuracy"],
+        "ci_low": figures["unseen_accuracy_ci95_low"],
+        "ci_high": figures["unseen_accuracy_ci95_high"],
+        "balanced_accuracy": figures["unseen_balanced_accuracy"],
+        "top5_accuracy": figures.get("unseen_top5_accuracy"),
+        "n_real_scored": figures["n_unseen"],
+        "scored_on": "COD structures whose compound no training structure shares",
+        "epochs_run": info["epochs_run"],
+        "best_epoch": info["best_epoch"],
+    }
+
+
 def run_point(point: str, args: argparse.Namespace, params: Any, cod: Any, parent_id: str) -> dict[str, Any]:
     import mlflow
 
@@ -108,19 +129,7 @@ def run_point(point: str, args: argparse.Namespace, params: Any, cod: Any, paren
         mlflow.log_metrics({k: float(v) for k, v in figures.items() if isinstance(v, int | float)})
         mlflow.log_metrics({"temperature": info["temperature"], "train_seconds": train_s})
     row = {
-        "model_kind": "cnn1d",
-        "label_mode": params.labels.mode,
-        "source": point,
-        "n_train": len(table),
-        "accuracy": figures["unseen_accuracy"],
-        "ci_low": figures["unseen_accuracy_ci95_low"],
-        "ci_high": figures["unseen_accuracy_ci95_high"],
-        "balanced_accuracy": figures["unseen_balanced_accuracy"],
-        "top5_accuracy": figures.get("unseen_top5_accuracy"),
-        "n_real_scored": figures["n_unseen"],
-        "scored_on": "COD structures whose compound no training structure shares",
-        "epochs_run": info["epochs_run"],
-        "best_epoch": info["best_epoch"],
+        **curve_row("cnn1d", params.labels.mode, point, len(table), figures, info),
         "train_seconds": round(train_s, 1),
         "temperature": round(info["temperature"], 4),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -208,19 +217,7 @@ def run_vgg_point(
         mlflow.log_metrics({k: float(v) for k, v in figures.items() if isinstance(v, int | float)})
         mlflow.log_metrics({"feature_seconds": feature_s, "train_seconds": info["seconds"]})
     row = {
-        "model_kind": "vgg16",
-        "label_mode": mode,
-        "source": point,
-        "n_train": len(table),
-        "accuracy": figures["unseen_accuracy"],
-        "ci_low": figures["unseen_accuracy_ci95_low"],
-        "ci_high": figures["unseen_accuracy_ci95_high"],
-        "balanced_accuracy": figures["unseen_balanced_accuracy"],
-        "top5_accuracy": figures.get("unseen_top5_accuracy"),
-        "n_real_scored": len(unseen),
-        "scored_on": "COD structures whose compound no training structure shares",
-        "epochs_run": info["epochs_run"],
-        "best_epoch": info["best_epoch"],
+        **curve_row("vgg16", mode, point, len(table), figures | {"n_unseen": len(unseen)}, info),
         "train_seconds": round(feature_s + info["seconds"], 1),
         "feature_seconds": round(feature_s, 1),
         **{k: v for k, v in figures.items() if k.startswith(("test_", "unseen_"))},
