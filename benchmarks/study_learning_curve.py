@@ -146,6 +146,7 @@ def vgg_features(front: Any, table: Any, params: Any, clean: bool, seed: int) ->
     """VGG16 front features of each structure of ``table`` rendered as the render stage draws an image:
     under one draw of measurement conditions (``clean=False``, training) or noiselessly (scoring)."""
     from xrdvision.data import measurement
+    from xrdvision.data.augment import augment_image
     from xrdvision.data.render import Renderer
     from xrdvision.models.score_patterns import clean_batch
     from xrdvision.models.train_cnn1d import measured_batch
@@ -153,16 +154,43 @@ def vgg_features(front: Any, table: Any, params: Any, clean: bool, seed: int) ->
     x = measurement.grid(params.pattern)
     renderer = Renderer(params.render.size, params.render.line_width, (x[0], x[-1]))
     rng = np.random.default_rng(seed)
+    a = params.augment
     out = []
     for start in range(0, len(table), 32):
         idx = np.arange(start, min(len(table), start + 32))
         y = clean_batch(table, idx, params, x) if clean else measured_batch(table, idx, params, x, rng)
         y = y[..., 0] ** 2 if params.pattern.scale == "sqrt" else y[..., 0]  # back to linear, as rendered
-        images = np.stack([renderer.render(x, row) for row in y]).astype(np.float32)
+        images = [renderer.render(x, row) for row in y]
+        if not clean and (a.contrast > 0 or a.rotation > 0):  # the image-level augmentation, training only
+            images = [augment_image(img, rng, a.contrast, a.rotation) for img in images]
+        images = np.stack(images).astype(np.float32)
         out.append(np.asarray(front.predict_on_batch(images)))
         if start % 320 == 0:
             log(f"  vgg16 features {start + len(idx)}/{len(table)}")
     return np.concatenate(out)
+
+
+def cod_clean_features(front: Any, cod: Any, params: Any) -> np.ndarray:
+    """VGG16 features of every COD structure's clean image, cached in ``data/cache`` under a key of the
+    structures and the image settings (scoring images are the same at every point of the curve)."""
+    import hashlib
+
+    key = hashlib.sha256(
+        json.dumps(
+            [list(map(str, cod.ids)), dataclasses.asdict(params.pattern), dataclasses.asdict(params.render)],
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()[:16]
+    path = Path("data/cache") / f"vgg16_cod_clean_{key}.npy"
+    if path.is_file():
+        log(f"vgg16 COD clean features from {path}")
+        return np.load(path)
+    feats = vgg_features(front, cod, params, True, 3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, feats)
+    tmp.replace(path)
+    return feats
 
 
 def run_vgg_point(
@@ -174,7 +202,7 @@ def run_vgg_point(
     import mlflow
 
     from xrdvision.crystal.labels import class_names
-    from xrdvision.data.peak_table import select, split_ids
+    from xrdvision.data.peak_table import split_ids
     from xrdvision.models.evaluate import classification_metrics, named
     from xrdvision.models.score_patterns import unseen_mask
     from xrdvision.models.train import fit_tail, mlflow_epoch_callback
@@ -193,10 +221,11 @@ def run_vgg_point(
         "train": vgg_features(front, train, vp, False, 1),
         "val": vgg_features(front, hold, vp, False, 2),
     }
-    test = select(cod, split_ids(Path("data/split"), "test"))
-    unseen = cod.subset(np.flatnonzero(unseen_mask(cod, set(table.reduced_formula.tolist()))))
-    feats["test"] = vgg_features(front, test, vp, True, 3)
-    feats["unseen"] = vgg_features(front, unseen, vp, True, 4)
+    test_idx = np.flatnonzero(np.isin(cod.ids, list(split_ids(Path("data/split"), "test"))))
+    unseen_idx = np.flatnonzero(unseen_mask(cod, set(table.reduced_formula.tolist())))
+    test, unseen = cod.subset(test_idx), cod.subset(unseen_idx)
+    clean_cod = cod_clean_features(front, cod, vp)  # the same clean images at every point: cached
+    feats["test"], feats["unseen"] = clean_cod[test_idx], clean_cod[unseen_idx]
     feature_s = time.perf_counter() - t0
     data = {
         "train": {"features": feats["train"], mode: train.labels(mode)},
