@@ -142,38 +142,12 @@ def run_point(point: str, args: argparse.Namespace, params: Any, cod: Any, paren
     return row
 
 
-def vgg_features(front: Any, table: Any, params: Any, clean: bool, seed: int) -> np.ndarray:
-    """VGG16 front features of each structure of ``table`` rendered as the render stage draws an image:
-    under one draw of measurement conditions (``clean=False``, training) or noiselessly (scoring)."""
-    from xrdvision.data import measurement
-    from xrdvision.data.augment import augment_image
-    from xrdvision.data.render import Renderer
-    from xrdvision.models.score_patterns import clean_batch
-    from xrdvision.models.train_cnn1d import measured_batch
-
-    x = measurement.grid(params.pattern)
-    renderer = Renderer(params.render.size, params.render.line_width, (x[0], x[-1]))
-    rng = np.random.default_rng(seed)
-    a = params.augment
-    out = []
-    for start in range(0, len(table), 32):
-        idx = np.arange(start, min(len(table), start + 32))
-        y = clean_batch(table, idx, params, x) if clean else measured_batch(table, idx, params, x, rng)
-        y = y[..., 0] ** 2 if params.pattern.scale == "sqrt" else y[..., 0]  # back to linear, as rendered
-        images = [renderer.render(x, row) for row in y]
-        if not clean and (a.contrast > 0 or a.rotation > 0):  # the image-level augmentation, training only
-            images = [augment_image(img, rng, a.contrast, a.rotation) for img in images]
-        images = np.stack(images).astype(np.float32)
-        out.append(np.asarray(front.predict_on_batch(images)))
-        if start % 320 == 0:
-            log(f"  vgg16 features {start + len(idx)}/{len(table)}")
-    return np.concatenate(out)
-
-
 def cod_clean_features(front: Any, cod: Any, params: Any) -> np.ndarray:
     """VGG16 features of every COD structure's clean image, cached in ``data/cache`` under a key of the
     structures and the image settings (scoring images are the same at every point of the curve)."""
     import hashlib
+
+    from xrdvision.models.measured_images import table_features
 
     key = hashlib.sha256(
         json.dumps(
@@ -185,7 +159,7 @@ def cod_clean_features(front: Any, cod: Any, params: Any) -> np.ndarray:
     if path.is_file():
         log(f"vgg16 COD clean features from {path}")
         return np.load(path)
-    feats = vgg_features(front, cod, params, True, 3)
+    feats = table_features(front, cod, params, True, 3)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npy")
     np.save(tmp, feats)
@@ -204,6 +178,7 @@ def run_vgg_point(
     from xrdvision.crystal.labels import class_names
     from xrdvision.data.peak_table import split_ids
     from xrdvision.models.evaluate import classification_metrics, named
+    from xrdvision.models.measured_images import table_features
     from xrdvision.models.score_patterns import unseen_mask
     from xrdvision.models.train import fit_tail, mlflow_epoch_callback
     from xrdvision.models.train_cnn1d import encode, split_holdout
@@ -218,8 +193,8 @@ def run_vgg_point(
     front = build_model(len(classes), vp.model, seed=vp.seed).front
     t0 = time.perf_counter()
     feats = {
-        "train": vgg_features(front, train, vp, False, 1),
-        "val": vgg_features(front, hold, vp, False, 2),
+        "train": table_features(front, train, vp, False, 1),
+        "val": table_features(front, hold, vp, False, 2),
     }
     test_idx = np.flatnonzero(np.isin(cod.ids, list(split_ids(Path("data/split"), "test"))))
     unseen_idx = np.flatnonzero(unseen_mask(cod, set(table.reduced_formula.tolist())))
@@ -297,11 +272,13 @@ def main() -> None:
 
     import mlflow
 
+    from xrdvision.cli import configure_logging
     from xrdvision.config import load_params
     from xrdvision.data.peak_table import cod_table
     from xrdvision.formats.atomic import write_json
     from xrdvision.tracking import runs
 
+    configure_logging()  # the library's progress (VGG16 features) on stderr
     p = load_params(args.params)
     params = dataclasses.replace(
         p,

@@ -29,7 +29,7 @@ from xrdvision.data.cod_set import CodSet, build_cod_set
 from xrdvision.data.measurement import Lines, gather
 from xrdvision.data.peaklists import powder_settings as peaklists_settings
 from xrdvision.errors import InputError
-from xrdvision.formats.peaklists import read_shards
+from xrdvision.formats.peaklists import PeakListShard, read_shards
 from xrdvision.formats.tables import read_split, read_table
 
 log = logging.getLogger(__name__)
@@ -170,26 +170,25 @@ def shard_table(folder: str | Path, source: str) -> PeakTable:
         raise InputError(
             folder, f"no {source} peak-list shards: run `dvc repro` with {source} in split.train_sources"
         )
-    tables = []
-    for s in shards:
-        n = len(s)
-        normal = s.normal if s.normal is not None else np.zeros((len(s.two_theta), 3), np.float16)
-        tables.append(
-            PeakTable(
-                np.asarray(s.ids, dtype=str),
-                np.full(n, source),
-                np.asarray(s.crystal_system, dtype=str),
-                np.asarray(s.space_group, dtype=np.int64),
-                np.asarray(s.reduced_formula, dtype=str),
-                np.array([_c_and_h(f) for f in s.reduced_formula], dtype=bool),
-                np.asarray(s.offsets, dtype=np.int64),
-                np.asarray(s.two_theta, dtype=np.float32),
-                np.asarray(s.intensity, dtype=np.float32),
-                np.asarray(normal, dtype=np.float16),
-                s.wavelength,
-            )
-        )
-    return concat(tables)
+    return concat([from_shard(s, source) for s in shards])
+
+
+def from_shard(s: PeakListShard, source: str) -> PeakTable:
+    """One peak-list shard as a table of ``source`` (``mp``, ``synth``)."""
+    normal = s.normal if s.normal is not None else np.zeros((len(s.two_theta), 3), np.float16)
+    return PeakTable(
+        np.asarray(s.ids, dtype=str),
+        np.full(len(s), source),
+        np.asarray(s.crystal_system, dtype=str),
+        np.asarray(s.space_group, dtype=np.int64),
+        np.asarray(s.reduced_formula, dtype=str),
+        np.array([_c_and_h(f) for f in s.reduced_formula], dtype=bool),
+        np.asarray(s.offsets, dtype=np.int64),
+        np.asarray(s.two_theta, dtype=np.float32),
+        np.asarray(s.intensity, dtype=np.float32),
+        np.asarray(normal, dtype=np.float16),
+        s.wavelength,
+    )
 
 
 def _c_and_h(formula: str) -> bool:
