@@ -19,6 +19,8 @@ import yaml
 
 from conftest import EMBEDDED_DIR, ROOT
 from xrdvision.data.embedded import ARCHIVE_NAME, read_members, write_archive
+from xrdvision.formats.peaklists import read_shards
+from xrdvision.models.features import load_features
 
 BIN = Path(sys.executable).parent
 
@@ -142,16 +144,24 @@ def test_full_repro_trains_evaluates_and_registers(tmp_path):
             "model": {"trainable_conv": 0, "dense": [32]},
             "train": {"epochs": 3, "learning_rate": 0.001},
             "measured": {"folder": str(measured)},
-            "synth": {"per_system": 1, "max_atoms": 24},
+            "split": {"train_sources": ["cod", "synth"]},
+            "generate": {"n_crystals": 12, "shard_size": 6, "workers": 1},
         },
     )
     out = _run(["dvc", "repro"], repo, env)
     assert "Running stage 'evaluate'" in out and "Running stage 'evaluate_measured'" in out
-    assert "Running stage 'synthesize'" in out
+    assert "Running stage 'generate'" in out
     feats = json.loads((repo / "data/features/summary.json").read_text())
-    synth_rows = list(csv.DictReader((repo / "data/synth/train.csv").open()))
-    assert feats["n_synthetic_train_images"] == len(synth_rows) >= 6
-    assert {r["crystal_system"] for r in synth_rows} >= {"triclinic", "cubic"}
+    generated = read_shards(repo / "data/generated", "synth")
+    n_generated = sum(len(s) for s in generated)
+    assert feats["drawn_train_images"] == {"synth": n_generated} and n_generated >= 6
+    train = load_features(repo / "data/features/train.npz")
+    drawn = [
+        str(c)
+        for i, c in zip(train["image"], train["crystal_system"], strict=True)
+        if str(i).startswith("synth/")
+    ]
+    assert drawn == [c for s in generated for c in s.crystal_system]
     real = json.loads((repo / "metrics/measured.json").read_text())
     assert real["skipped"] is False and real["n"] == 6 and real["n_failed"] == 0
     assert set(real["per_source"]) == {"rruff_agi", "rockjock"}

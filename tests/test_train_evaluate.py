@@ -18,7 +18,6 @@ import pytest
 from PIL import Image
 
 from helpers_images import CLASSES, make_split_data, peak_image, tiny_params
-from helpers_images import SG as SG_OF
 from xrdvision.errors import XrdVisionError
 from xrdvision.tracking import runs
 
@@ -177,7 +176,8 @@ def test_run_names_tell_runs_apart():
             "train": {"learning_rate": 0.0001},
             "labels": {"mode": "space_group"},
             "ingest": {"source": "folder", "folder": "../shared/cod"},
-            "synth": {"per_system": 400},
+            "split": {"train_sources": ["cod", "synth"]},
+            "generate": {"n_crystals": 400},
         }
     )
     assert runs.run_name(seed_recipe, "trial4").startswith(
@@ -249,32 +249,6 @@ def test_corrupt_png_is_reported_and_skipped(workdir, capsys):
     )
     assert kept == [0] and feats.shape[0] == 1
     assert len(problems) == 1 and problems[0].startswith("data/images/bad.png: corrupt image")
-
-
-@pytest.mark.needs_shared("weights")
-def test_synthetic_images_join_the_train_split_only(workdir):
-    """The synthesize stage's list adds images to train; val and test stay the real split lists."""
-    from xrdvision.models.features import load_features, run_features
-
-    synth = workdir / "data" / "synth"
-    (synth / "images").mkdir(parents=True)
-    rows = []
-    for i, cls in enumerate(CLASSES):
-        name = f"synth-{cls}-{i:05d}_0.png"
-        Image.fromarray(peak_image(i, 7)).save(synth / "images" / name)
-        rows.append(f"{name},synth-{cls}-{i:05d},synth-{cls}-{i:05d},0,{cls},{SG_OF[cls]}")
-    (synth / "train.csv").write_text(
-        "image,cod_id,group,copy,crystal_system,space_group\n" + "\n".join(rows) + "\n"
-    )
-    s = run_features(_params(workdir), Path("data/split"), Path("data/images"), Path("data/features"), synth)
-    assert s["n_synthetic_train_images"] == 3
-    assert {k: v["n_images"] for k, v in s["splits"].items()} == {"train": 21, "val": 6, "test": 9}
-    tr = load_features(Path("data/features/train.npz"))
-    assert [str(x) for x in tr["image"][-3:]] == [f"synth/{r.split(',')[0]}" for r in rows]
-    assert [str(x) for x in tr["crystal_system"][-3:]] == list(CLASSES)
-    for split in ("val", "test"):
-        names = load_features(Path(f"data/features/{split}.npz"))["image"]
-        assert not any(str(n).startswith("synth/") for n in names)
 
 
 def test_metrics_on_a_small_case_worked_by_hand():

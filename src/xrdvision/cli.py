@@ -75,21 +75,6 @@ def cmd_split(p: Params, a: argparse.Namespace) -> None:
     print(f"split: {parts}; {s['n_groups']} compound groups -> {a.out}")
 
 
-def cmd_synthesize(p: Params, a: argparse.Namespace) -> None:
-    from xrdvision.data.synthesize import run_synthesize
-
-    s = run_synthesize(p, Path(a.split), Path(a.manifest), Path(a.out))
-    if not s["per_system"]:
-        print(f"synthesize: off ({s['reason']}); {a.out}/train.csv is empty")
-        return
-    per = ", ".join(f"{k} {v}" for k, v in s["labels_per_system"].items())
-    print(
-        f"synthesize: {s['n_images']} training images of {s['n_simulated']} random crystals ({per}); "
-        f"{s['n_generation_failed']} not generated, {s['n_simulation_failed']} not simulated; "
-        f"{s['n_other_system_than_drawn']} analysed in another system than drawn; {s['seconds']:.0f} s"
-    )
-
-
 def cmd_peaklists(p: Params, a: argparse.Namespace) -> None:
     from xrdvision.data.peaklists import run_peaklists
     from xrdvision.data.peaklists_report import summary_line
@@ -125,11 +110,13 @@ def cmd_generate(p: Params, a: argparse.Namespace) -> None:
 def cmd_features(p: Params, a: argparse.Namespace) -> None:
     from xrdvision.models.features import run_features
 
-    s = run_features(p, Path(a.split), Path(a.images), Path(a.out), Path(a.synth) if a.synth else None)
+    shard_dirs = {"mp": Path(a.peaklists), "synth": Path(a.generated)}
+    s = run_features(p, Path(a.split), Path(a.images), Path(a.out), shard_dirs)
     sizes = ", ".join(f"{k} {v['n_images']}" for k, v in s["splits"].items())
+    drawn = ", ".join(f"{n} {src}" for src, n in s["drawn_train_images"].items()) or "none"
     print(
         f"features: cached {s['cut_layer']} output for {sizes} images "
-        f"(train includes {s['n_synthetic_train_images']} synthetic); {len(s['skipped'])} skipped"
+        f"(train includes drawn peak lists: {drawn}); {len(s['skipped'])} skipped"
     )
 
 
@@ -300,15 +287,6 @@ def build_parser() -> argparse.ArgumentParser:
         work="data/cache/generate",
     )
     add(
-        "synthesize",
-        cmd_synthesize,
-        "Random crystals (PyXtal) of the training split's space groups, simulated and rendered: "
-        "extra training images only.",
-        split="data/split",
-        manifest="data/patterns/manifest.csv",
-        out="data/synth",
-    )
-    add(
         "peaklists",
         cmd_peaklists,
         "Materials Project structures (mp.folder) as labelled peak-list shards for training, without the "
@@ -321,10 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "features",
         cmd_features,
-        "Cache the frozen VGG16 layers' output for every split image (plus synthetic training images).",
+        "Cache the frozen VGG16 layers' output for every split image, plus the Materials Project and "
+        "generated training structures of split.train_sources drawn as images (resumable).",
         split="data/split",
         images="data/images",
-        synth="data/synth",
+        peaklists="data/peaklists",
+        generated="data/generated",
         out="data/features",
     )
     add(

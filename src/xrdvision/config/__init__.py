@@ -178,16 +178,6 @@ class MpParams:
 
 
 @_section
-class SynthParams:
-    """Random crystals (PyXtal) added to the training images only; ``per_system: 0`` = off."""
-
-    per_system: Int = Field(0, ge=0, le=100000)  # random crystals per crystal system
-    max_atoms: Int = Field(40, ge=2, le=500)  # atoms in the conventional cell, at most
-    max_species: Int = Field(4, ge=1, le=8)  # elements per crystal, at most
-    copies: Int = Field(0, ge=0, le=20)  # augmented copies per synthetic crystal (each is already new)
-
-
-@_section
 class ModelParams:
     """Which model kind, and the VGG16 transfer-learning model's settings (``cnn1d:`` has the other's)."""
 
@@ -263,7 +253,6 @@ class Params:
     augment: AugmentParams = Field(default_factory=AugmentParams)
     render: RenderParams = Field(default_factory=RenderParams)
     split: SplitParams = Field(default_factory=SplitParams)
-    synth: SynthParams = Field(default_factory=SynthParams)
     mp: MpParams = Field(default_factory=MpParams)
     generate: GenerateParams = Field(default_factory=GenerateParams)
     model: ModelParams = Field(default_factory=ModelParams)

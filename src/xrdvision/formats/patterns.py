@@ -1,6 +1,6 @@
 """The simulate stage's outputs as files: ``patterns.npz`` (peak lists and profiles) and ``manifest.csv``.
 
-One home for both sides of the format (docs/dataflow.md): the simulate and synthesize stages write
+One home for both sides of the format (docs/dataflow.md): the simulate stage writes
 through :func:`write_patterns` and :func:`write_manifest`, render, the studies and the tests read
 through :func:`load_patterns`, and the writer and the reader run the same consistency checks, so a
 file that one of them accepts is one the other accepts too. A bad file on reading is one

@@ -16,7 +16,7 @@ from typing import Any
 from xrdvision.errors import InputError
 from xrdvision.formats.atomic import atomic_open
 
-# A split list (data/split/<split>.csv, data/synth/train.csv): one row per image.
+# A split list (data/split/<split>.csv): one row per image.
 SPLIT_COLUMNS = ["image", "cod_id", "group", "crystal_system", "space_group"]
 
 
@@ -70,16 +70,3 @@ def write_table(
         writer.writerow(columns)
         for row in rows:
             writer.writerow([row.get(c, "") for c in columns] if isinstance(row, Mapping) else row)
-
-
-def read_synth_train(synth_dir: str | Path) -> list[dict[str, str]]:
-    """Rows of ``synth_dir/train.csv`` with ``image`` made ``synth/<name>`` and ``path`` added; an absent
-    folder or an empty list gives no rows (synthesis off)."""
-    path = Path(synth_dir) / "train.csv"
-    if not path.exists():
-        return []
-    rows = read_table(path, SPLIT_COLUMNS, "synthetic training list")
-    return [
-        {**r, "image": f"synth/{r['image']}", "path": str(Path(synth_dir) / "images" / r["image"])}
-        for r in rows
-    ]

@@ -4,6 +4,10 @@ The frozen layers see the same images every epoch, so computing them once turns 
 full VGG16 forward+backward pass into a pass through the trainable tail only (the speed-up is
 measured by ``benchmarks/bench_train.py``). The cache is a DVC output keyed by the images, the split
 and ``model.trainable_conv``: change the frozen depth and DVC recomputes it.
+
+The Materials Project and generated crystals of ``split.train_sources`` have no images: they join the
+training features drawn from their peak lists by :mod:`xrdvision.models.measured_images` (the 1-D
+model's generator, one draw per structure), whose per-chunk cache makes this stage resumable.
 """
 
 from __future__ import annotations
@@ -74,61 +78,72 @@ def compute_features(
 
 
 def run_features(
-    params: Params, split_dir: Path, image_dir: Path, out_dir: Path, synth_dir: Path | None = None
+    params: Params, split_dir: Path, image_dir: Path, out_dir: Path, shard_dirs: dict[str, Path] | None = None
 ) -> dict:
     """Compute and write ``out_dir/{train,val,test}.npz`` (features + labels + image names).
 
-    ``synth_dir`` (the synthesize stage's output) adds its random-crystal images to the *train* split
-    only, named ``synth/<file>``; validation and test are the real structures of the split lists.
+    COD's images come from ``image_dir`` (training ones only when ``split.train_sources`` has ``cod``).
+    The peak-list sources of ``split.train_sources`` (``mp``: ``data/peaklists``, ``synth``:
+    ``data/generated``; ``shard_dirs`` overrides) join the *train* split only, each structure drawn once
+    under measurement conditions (:mod:`xrdvision.models.measured_images`, cached per chunk in
+    ``out_dir/chunks``) and named ``<source>/<id>``; validation and test are COD's split lists.
     """
-    from xrdvision.formats.tables import read_synth_train
+    from xrdvision.models.measured_images import CHUNK_DIR, prune_chunks, read_sources, shard_features
     from xrdvision.models.vgg16 import build_model, resolve_weights, weights_fingerprint
 
+    chunk_dir = Path(out_dir) / CHUNK_DIR
     if params.model.kind != "vgg16":  # a 1-D model draws its inputs from peak lists: nothing to cache
         for stale in Path(out_dir).glob("*.npz"):
             stale.unlink()
+        prune_chunks(chunk_dir, [])
         summary = {"skipped_stage": f"model.kind={params.model.kind} reads no image features", "splits": {}}
-        write_json(Path(out_dir) / "summary.json", summary | {"skipped": [], "n_synthetic_train_images": 0})
-        return summary | {"cut_layer": "none", "skipped": [], "n_synthetic_train_images": 0}
+        write_json(Path(out_dir) / "summary.json", summary | {"skipped": [], "drawn_train_images": {}})
+        return summary | {"cut_layer": "none", "skipped": [], "drawn_train_images": {}}
+    sources = params.split.train_sources
     lists = {s: read_split(Path(split_dir) / f"{s}.csv") for s in SPLITS}
     for s, rows in lists.items():
-        if not rows:
+        if not rows and (s != "train" or "cod" in sources):
             raise XrdVisionError(f"{Path(split_dir) / f'{s}.csv'}: the {s} split is empty")
-    synth_rows = read_synth_train(Path(synth_dir)) if synth_dir is not None else []
-    lists["train"] = lists["train"] + synth_rows
+    if "cod" not in sources:
+        lists["train"] = []
+    # Every shard read and checked before VGG16 starts: a missing or corrupt one costs a second, not an hour.
+    inputs = read_sources([s for s in sources if s != "cod"], shard_dirs)
     weights = resolve_weights(params.model.weights)
     # The front does not depend on the number of classes; 7 is a placeholder for the head.
     net = build_model(7, params.model, weights=weights, seed=params.seed)
     fingerprint = weights_fingerprint(weights)
+    drawn, drawn_summary = shard_features(net.front, params, inputs, chunk_dir, net.cut_layer, fingerprint)
     summary: dict = {
         "cut_layer": net.cut_layer,
         "weights_md5": fingerprint,
         "splits": {},
         "skipped": [],
-        "n_synthetic_train_images": len(synth_rows),
+        "drawn_train_images": drawn_summary["per_source"],
+        "drawn_chunks": {k: drawn_summary[k] for k in ("chunks_computed", "chunks_reused")},
     }
     for s, rows in lists.items():
-        paths = [Path(r["path"]) if r.get("path") else Path(image_dir) / r["image"] for r in rows]
+        paths = [Path(image_dir) / r["image"] for r in rows]
         feats, kept, problems = compute_features(net.front, paths, desc=f"features {s}")
         for line in problems:
             log.warning("features: skipped: %s", line)
         summary["skipped"].extend(problems)
-        if not kept:
-            raise XrdVisionError(f"{Path(split_dir) / f'{s}.csv'}: no readable images in the {s} split")
         rows_k = [rows[i] for i in kept]
+        cols = {
+            "features": feats,
+            "image": np.array([r["image"] for r in rows_k], dtype=str),
+            "cod_id": np.array([r["cod_id"] for r in rows_k], dtype=str),
+            "crystal_system": np.array([r["crystal_system"] for r in rows_k], dtype=str),
+            "space_group": np.array([r["space_group"] for r in rows_k], dtype=str),
+            "copy": np.array([_copy_of(r) for r in rows_k], dtype=np.int32),
+        }
+        if s == "train":
+            cols = {k: np.concatenate([v, drawn[k]]) for k, v in cols.items()}  # str widths: the wider
+        if not len(cols["features"]):
+            raise XrdVisionError(f"{Path(split_dir) / f'{s}.csv'}: no readable images in the {s} split")
         with atomic_path(Path(out_dir) / f"{s}.npz") as tmp, open(tmp, "wb") as fh:
-            np.savez(
-                fh,
-                features=feats,
-                image=np.array([r["image"] for r in rows_k]),
-                cod_id=np.array([r["cod_id"] for r in rows_k]),
-                crystal_system=np.array([r["crystal_system"] for r in rows_k]),
-                space_group=np.array([r["space_group"] for r in rows_k]),
-                copy=np.array([_copy_of(r) for r in rows_k], dtype=np.int32),
-                cut_layer=np.array(net.cut_layer),
-                weights_md5=np.array(fingerprint),
-            )
-        summary["splits"][s] = {"n_images": len(kept), "shape": list(feats.shape[1:])}
+            np.savez(fh, **cols, cut_layer=np.array(net.cut_layer), weights_md5=np.array(fingerprint))
+        summary["splits"][s] = {"n_images": len(cols["features"]), "shape": list(feats.shape[1:])}
+    prune_chunks(chunk_dir, drawn_summary["chunk_files"])
     write_json(Path(out_dir) / "summary.json", summary)
     return summary
 

@@ -178,12 +178,11 @@ def short_float(x: float) -> str:
 
 
 def data_source(params: Params) -> str:
-    """``embedded``, ``folder-cod`` (the folder's name), ``cod``; ``+synth400`` with synthetic crystals."""
+    """``embedded``, ``folder-cod`` (the folder's name), ``cod``; ``+mp1000+synth100000`` (sizes of the
+    other ``split.train_sources``), without the first part when COD's training split is not used."""
     src = params.ingest.source
     if src == "folder":
         src = f"folder-{Path(params.ingest.folder).name or 'cifs'}"
-    if params.synth.per_system:
-        src += f"+synth{params.synth.per_system}"
     extra = [s for s in params.split.train_sources if s != "cod"]
     if extra:  # what else training drew on; "cod" dropped when COD's training split is not used
         sizes = {"mp": params.mp.max_structures, "synth": params.generate.n_crystals}
