@@ -156,3 +156,33 @@ def test_cnn1d_search_space_round_trips_and_a_study_tunes_it(workdir):
     assert trial_from_overrides({**base, "cnn1d.width": 12}, TuneParams()) is None
     r = run_tune(p, Path("data/features"), workdir / "tune" / "best_params.yaml")
     assert r["n_complete"] + r["n_pruned"] == 2 and "cnn1d.width" in r["best_params"]
+
+
+def test_cnn1d_training_resumes_after_an_interrupt(workdir):
+    """A run killed after its second epoch resumes at the third from its backup folder (Keras
+    BackupAndRestore), instead of starting over; a finished run leaves no backup behind."""
+    import keras
+
+    from xrdvision.models.train_cnn1d import fit_cnn1d
+
+    params = tiny_cnn_params(workdir, train={"epochs": 4, "patience": 10})
+    backup = workdir / "data/cache/train_backup/resume-test"
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):  # epochs 1 and 2 finished (and were backed up)
+            if epoch == 2:
+                raise KeyboardInterrupt("killed in epoch 3")
+
+    with pytest.raises(KeyboardInterrupt):
+        fit_cnn1d(params, extra_callbacks=[Interrupt()], backup_dir=backup, verbose=0)
+    assert backup.is_dir() and any(backup.rglob("*"))
+    seen: list[int] = []
+
+    class Epochs(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            seen.append(epoch)
+
+    _, _, info = fit_cnn1d(params, extra_callbacks=[Epochs()], backup_dir=backup, verbose=0)
+    assert seen == [2, 3]  # epochs 3 and 4 only: the first two were restored
+    assert info["epochs_run"] == 2 and len(info["train_prior"]) == 7
+    assert not backup.exists() or not any(backup.rglob("*.weights.h5"))

@@ -23,6 +23,7 @@ from xrdvision.config import Params
 from xrdvision.crystal.labels import class_names
 from xrdvision.errors import XrdVisionError
 from xrdvision.formats.atomic import atomic_open, atomic_path, write_json
+from xrdvision.models.calibration import class_prior
 from xrdvision.models.classes import check_class_coverage, class_weight_map, encode_labels
 from xrdvision.models.features import load_features
 from xrdvision.tracking import runs
@@ -169,15 +170,20 @@ def write_history_csv(path: Path, hist: dict[str, list[float]]) -> None:
             w.writerow([e, *(f"{hist[k][e]:.6f}" for k in keys)])
 
 
-def input_settings(params: Params, classes: list[str]) -> dict[str, Any]:
+def input_settings(
+    params: Params, classes: list[str], train_prior: list[float] | None = None
+) -> dict[str, Any]:
     """What it takes to prepare an input the way this model's training images were made.
 
     Stored with the model (``preprocessing.json`` in the ``models/`` folder, ``preprocessing`` in the
     logged model's MLmodel metadata), so that ``predict`` needs no ``params.yaml``: the grid, wavelength
     and peak profile a CIF is simulated with, the rendering, the label mode and class order, and the
-    wavelength assumed for a measured scan that states none.
+    wavelength assumed for a measured scan that states none; and the training class frequencies
+    (``train_prior``, aligned with ``classes``) that ``measured.prior`` corrects for.
     """
     out: dict[str, Any] = {"format": INPUT_SETTINGS_FORMAT, "classes": list(classes)}
+    if train_prior is not None:
+        out["train_prior"] = [round(float(v), 6) for v in train_prior]
     for section, keys in INPUT_SETTINGS.items():
         values = getattr(params, section)
         out[section] = {k: getattr(values, k) for k in keys}
@@ -211,6 +217,9 @@ def fit_vgg16(
         "n_val_images": len(val["features"]),
     }
     tags = {"weights_md5": str(train.get("weights_md5", "")), "cut_layer": str(train.get("cut_layer", ""))}
+    classes = class_names(mode)
+    y = encode_labels(np.asarray(train[mode]), classes, str(features_dir / "train.npz"))
+    info["train_prior"] = class_prior(y, len(classes))
     return net.full, hist, info, metrics, tags
 
 
@@ -283,10 +292,10 @@ def run_train(
         model_path = model_dir / "model.keras"
         with atomic_path(model_path, suffix=".keras") as tmp:
             full.save(tmp)
-        settings = input_settings(params, classes)
+        settings = input_settings(params, classes, info.get("train_prior"))
         write_json(model_dir / "classes.json", {"mode": mode, "classes": classes})
         write_json(model_dir / INPUT_SETTINGS_FILE, settings)
-        logged = log_and_register(full, params, classes, step=info["best_epoch"])
+        logged = log_and_register(full, params, classes, step=info["best_epoch"], settings=settings)
         if test_md5:
             mlflow.MlflowClient().set_model_version_tag(
                 logged["registered_model"], logged["version"], runs.TEST_SPLIT_TAG, test_md5
@@ -333,7 +342,13 @@ def _log_split_inputs(params: Params, split_dir: Path, contexts: dict[str, str])
 
 
 def log_and_register(
-    full_model, params: Params, classes: list[str], *, step: int = 0, name: str = "model"
+    full_model,
+    params: Params,
+    classes: list[str],
+    *,
+    step: int = 0,
+    name: str = "model",
+    settings: dict[str, Any] | None = None,
 ) -> dict[str, str]:
     """Log the full model as an MLflow logged model and register it as ``challenger``.
 
@@ -343,7 +358,7 @@ def log_and_register(
     the model folder and fails (mlflow/mlflow#16183). ``step`` is the epoch whose weights the model
     holds: the run's ``train_*`` / ``val_*`` figures of that epoch are linked to the logged model.
     ``name`` "model" keeps ``runs:/<run id>/model`` pointing at it; the Models page shows the run's
-    name beside it.
+    name beside it. ``settings``: the input settings stored with it (default :func:`input_settings`).
     """
     import mlflow
     from mlflow.models import infer_signature
@@ -358,7 +373,11 @@ def log_and_register(
         signature=signature,
         input_example=example,
         pip_requirements=_pip_requirements(),
-        metadata={"classes": classes, "label_mode": mode, "preprocessing": input_settings(params, classes)},
+        metadata={
+            "classes": classes,
+            "label_mode": mode,
+            "preprocessing": settings or input_settings(params, classes),
+        },
         tags={"label_mode": mode, "model_kind": params.model.kind, "params_hash": runs.params_digest(params)},
         step=step,
     )

@@ -27,7 +27,7 @@ from xrdvision.data import measurement
 from xrdvision.data.peak_table import PeakTable, cod_table, holdout_mask, training_table
 from xrdvision.errors import XrdVisionError
 from xrdvision.models import cnn1d
-from xrdvision.models.calibration import fit_temperature
+from xrdvision.models.calibration import class_prior, fit_temperature
 from xrdvision.models.classes import class_weight_map, encode_labels
 
 log = logging.getLogger(__name__)
@@ -165,6 +165,7 @@ def fit_cnn1d(
         "holdout_logits": logits,
         "holdout_y": y_hold,
         "sources": {s: int((table.source == s).sum()) for s in sorted(set(table.source.tolist()))},
+        "train_prior": class_prior(ytr, len(classes)),
         "train_formulas": set(train.reduced_formula.tolist()) | set(hold.reduced_formula.tolist()),
         "warnings": [],
     }

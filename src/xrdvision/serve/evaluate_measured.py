@@ -11,7 +11,8 @@ The measured set is split by mineral into a tuning half and a report half (``dat
 (``tuning_half_accuracy``, ``report_half_accuracy``, ``report_half_balanced_accuracy``, ...), so that
 choices made by looking at the tuning half are judged on the report half only. ``measured_ece`` is the
 expected calibration error of the probabilities the model gives (:mod:`xrdvision.models.calibration`;
-calibrated once the model carries a fitted temperature).
+calibrated once the model carries a fitted temperature) under the class prior ``measured.prior``;
+``coverage.csv`` and ``measured_coverage`` say what the ``measured.uncertain_below`` flag buys.
 """
 
 from __future__ import annotations
@@ -136,6 +137,19 @@ def half_metrics(
     return out
 
 
+def uncertain_figures(probs: np.ndarray, y: np.ndarray, threshold: float) -> dict[str, float]:
+    """What ``measured.uncertain_below`` buys: the share of patterns answered with confidence and the
+    accuracy on them (the rest are flagged ``uncertain``)."""
+    conf = probs.max(axis=1)
+    sure = conf >= threshold
+    hit = probs.argmax(axis=1) == y
+    return {
+        "measured_uncertain_below": float(threshold),
+        "measured_coverage": float(sure.mean()),
+        "measured_accuracy_when_certain": float(hit[sure].mean()) if sure.any() else float("nan"),
+    }
+
+
 def half_line(m: dict[str, Any]) -> str:
     """The CLI's line for the two halves."""
     return (
@@ -232,7 +246,7 @@ def run_evaluate_measured(
     if not kept:
         raise XrdVisionError(f"{folder / mp.index}: no pattern could be scored ({len(failures)} failed)")
 
-    probs = lm.predict(np.stack(images), progress=show)
+    probs = lm.with_prior(lm.predict(np.stack(images), progress=show), mp.prior)
     y = np.array([index_of[_label(r, mode)] for r in kept])
     sources = [_source_of(r["file"]) for r in kept]
     metrics = measured_metrics(probs, y, sources, lm.classes, params.seed)
@@ -241,6 +255,7 @@ def run_evaluate_measured(
         metrics.update(half_metrics(probs, y, halves, lm.classes, params.seed))
         metrics["n_not_in_split"] = sum(1 for h in halves if not h)
     metrics["split"] = str(split) if half_of else ""
+    metrics |= uncertain_figures(probs, y, mp.uncertain_below)
     metrics = {
         "skipped": False,
         "label_mode": mode,
@@ -249,6 +264,7 @@ def run_evaluate_measured(
         "n_index": len(rows),
         "n_unlabelled": n_unlabelled,
         "n_failed": len(failures),
+        "prior": mp.prior,
         **metrics,
         "warnings": lm.warnings,
     }
@@ -303,6 +319,17 @@ def _write_measured_reports(
         ),
     )
     write_table(out_dir / "failures.csv", ["file", "reason"], failures)
+    from xrdvision.models.calibration import coverage_curve
+
+    write_table(  # the coverage-accuracy plot (dvc.yaml): what each uncertainty threshold buys
+        out_dir / "coverage.csv",
+        ["threshold", "coverage", "accuracy"],
+        (
+            [f"{r['threshold']:.2f}", f"{r['coverage']:.4f}", f"{r['accuracy']:.4f}"]
+            for r in coverage_curve(probs, y)
+            if np.isfinite(r["accuracy"])
+        ),
+    )
 
 
 def _flat_figures(metrics: dict[str, Any]) -> dict[str, float]:
@@ -353,6 +380,7 @@ def _log_measured(
         "predictions.csv",
         "per_class.csv",
         "failures.csv",
+        "coverage.csv",
         "confusion_matrix.csv",
         "confusion_matrix.png",
     ):

@@ -75,6 +75,22 @@ class LoadedModel:
         stored = ((self.settings or {}).get("model") or {}).get("kind")
         return str(stored) if stored else ("cnn1d" if len(self.model.input_shape) == 3 else "vgg16")
 
+    @property
+    def train_prior(self) -> list[float] | None:
+        """The training class frequencies stored with the model (None: an older model)."""
+        stored = (self.settings or {}).get("train_prior")
+        return [float(v) for v in stored] if isinstance(stored, list) else None
+
+    def with_prior(self, probs: np.ndarray, prior: str) -> np.ndarray:
+        """``probs`` under the class prior ``measured.prior`` names (``train``: unchanged); see
+        :func:`xrdvision.models.calibration.prior_from_spec`."""
+        from xrdvision.models.calibration import correct_prior, prior_from_spec
+
+        new = prior_from_spec(prior, self.classes, self.train_prior, "measured.prior")
+        if new is None:
+            return probs
+        return correct_prior(probs, np.asarray(self.train_prior), new)
+
     def predict(self, images: np.ndarray, batch_size: int = 16, progress: bool = False) -> np.ndarray:
         """Class probabilities ``(n, n_classes)`` of raw 0-255 RGB images ``(n, size, size, 3)``, or of
         patterns ``(n, points, 1)`` for a 1-D model."""

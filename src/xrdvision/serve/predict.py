@@ -38,6 +38,8 @@ class Prediction:
     error: str = ""
     reference: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    uncertain: bool = False  # top-1 probability under measured.uncertain_below
+    calibration: str = ""  # the class prior and the uncertainty threshold used, in words
     model: str = ""
     label_mode: str = ""
     warnings: list[str] = field(default_factory=list)  # about the model, shared by all files
@@ -69,6 +71,10 @@ def predict_files(
     ``params`` (None: there is no ``params.yaml``) only says where the registry is, and is the fallback
     for an older model that stored none.
 
+    Probabilities are the model's calibrated ones (a 1-D model carries its fitted temperature) under the
+    class prior ``params.measured.prior``; a top-1 probability under ``measured.uncertain_below`` marks
+    the file ``uncertain``.
+
     ``wavelength`` (Angstrom) applies to measured patterns and overrides their headers; without it a
     header's wavelength is used, else the model's ``measured.wavelength``. ``model`` skips loading (reuse one
     :func:`load_model` across calls). Images are classified ``batch_size`` at a time as files are
@@ -81,6 +87,11 @@ def predict_files(
         raise XrdVisionError(f"--top-k: must be >= 1 (got {top_k})")
     show = logger.isEnabledFor(logging.INFO) if progress is None else progress
     lm = model or load_model(params, model_uri)
+    settings = (params or Params()).measured
+    lm.with_prior(np.full((1, len(lm.classes)), 1.0 / len(lm.classes)), settings.prior)  # a bad prior: now
+    calibration = (
+        f"class prior {settings.prior}; uncertain: top-1 probability under {settings.uncertain_below:.0%}"
+    )
     prep = Preparer(lm.input_params(params), lm.image_size, lm.model_kind)
     k = min(top_k, len(lm.classes))
     results: list[Prediction] = []
@@ -89,15 +100,21 @@ def predict_files(
     def flush() -> None:
         if not pending:
             return
-        probs = lm.predict(np.stack([img for _, img in pending]), batch_size)
+        probs = lm.with_prior(lm.predict(np.stack([img for _, img in pending]), batch_size), settings.prior)
         for (i, _), p in zip(pending, probs, strict=True):
             results[i].probabilities = p
             results[i].top = _top_k(p, lm.classes, k)
+            results[i].uncertain = bool(p.max() < settings.uncertain_below)
         pending.clear()
 
     for path in tqdm([Path(p) for p in paths], desc="predict", unit="file", disable=not show):
         pred = Prediction(
-            file=str(path), kind="", model=lm.uri, label_mode=lm.label_mode, warnings=lm.warnings
+            file=str(path),
+            kind="",
+            model=lm.uri,
+            label_mode=lm.label_mode,
+            warnings=lm.warnings,
+            calibration=calibration,
         )
         results.append(pred)
         try:
@@ -122,18 +139,20 @@ def predict_files(
 def format_table(preds: list[Prediction]) -> str:
     """A plain-text table, one row per file: kind, the CIF's own label, then top-k ``class p%``.
 
-    A failed file shows its error line in place of the classes. The last line names the model.
+    A failed file shows its error line in place of the classes; ``uncertain`` flags a top-1 probability
+    under ``measured.uncertain_below``. The last line names the model.
     """
     if not preds:
         return "no files"
     k = max((len(p.top) for p in preds), default=0)
-    head = ["file", "kind", "label", *[_ordinal(i + 1) for i in range(k)]]
+    head = ["file", "kind", "label", *[_ordinal(i + 1) for i in range(k)], "flag"]
     cw = max((len(c) for p in preds for c, _ in p.top), default=0)
     rows = []
     for p in preds:
         label = p.reference.get(p.label_mode, "") if p.reference else ""
         if p.ok:
-            rows.append([p.file, p.kind, label or "-", *[f"{c:<{cw}} {pr:6.1%}" for c, pr in p.top]])
+            cells = [f"{c:<{cw}} {pr:6.1%}" for c, pr in p.top]
+            rows.append([p.file, p.kind, label or "-", *cells, "uncertain" if p.uncertain else ""])
         else:
             rows.append([p.file, p.kind or "-", "-", f"error: {p.error}"])
     widths = [len(h) for h in head]
@@ -155,6 +174,8 @@ def format_table(preds: list[Prediction]) -> str:
         f"{len(preds)} file(s), {n_bad} failed; model {preds[0].model} ({preds[0].label_mode}); "
         "label: the CIF's own symmetry (spglib)"
     )
+    if preds[0].calibration:
+        lines.append(preds[0].calibration)
     lines += [f"warning: {w}" for w in preds[0].warnings]
     return "\n".join(lines)
 
@@ -171,6 +192,7 @@ def prediction_dict(p: Prediction) -> dict[str, Any]:
         "status": "ok" if p.ok else "error",
         "error": p.error or None,
         "top": [{"class": c, "probability": round(pr, 6)} for c, pr in p.top],
+        "uncertain": p.uncertain if p.ok else None,
         "label": p.reference or None,
         "notes": p.notes,
     }
@@ -183,6 +205,7 @@ def to_json(preds: list[Prediction]) -> str:
         "model": first.model,
         "label_mode": first.label_mode,
         "warnings": first.warnings,
+        "calibration": first.calibration,
         "files": [prediction_dict(p) for p in preds],
     }
     return json.dumps(doc, indent=2)
@@ -200,6 +223,7 @@ def to_csv(preds: list[Prediction]) -> str:
             "status",
             "label",
             *[x for i in range(k) for x in (f"class_{i + 1}", f"p_{i + 1}")],
+            "uncertain",
             "error",
         ]
     )
@@ -207,7 +231,8 @@ def to_csv(preds: list[Prediction]) -> str:
         label = p.reference.get(p.label_mode, "") if p.reference else ""
         cells = [x for c, pr in p.top for x in (c, f"{pr:.6f}")]
         cells += [""] * (2 * k - len(cells))
-        w.writerow([p.file, p.kind, "ok" if p.ok else "error", label, *cells, p.error])
+        flag = ("yes" if p.uncertain else "no") if p.ok else ""
+        w.writerow([p.file, p.kind, "ok" if p.ok else "error", label, *cells, flag, p.error])
     return buf.getvalue()
 
 
