@@ -185,11 +185,14 @@ def to_training_grid(
     *,
     default_wavelength: float | None = None,
     background: bool = True,
+    strip_ka2: bool = False,
 ) -> np.ndarray:
     """The pattern as the model's training data: float32 on ``grid(two_theta_min, two_theta_max, step)``.
 
     In order: leading/trailing zero runs (unmeasured) dropped; SNIP background subtracted on the
-    measured (even) steps; 2-theta converted to ``sim.wavelength`` through the d-spacings
+    measured (even) steps; with ``strip_ka2`` the K-alpha2 half of each doublet removed
+    (:func:`strip_kalpha2`; Cu K-alpha1+2 data only, then read at K-alpha1); 2-theta
+    converted to ``sim.wavelength`` through the d-spacings
     (:func:`source_wavelength` picks the wavelength to convert from); linear interpolation onto the
     grid, zero outside the measured range; scaled to a maximum of 1 over the grid. A pattern that
     overlaps the training range by less than 10 degrees, whose strongest line stands less than
@@ -210,6 +213,8 @@ def to_training_grid(
     if background:
         y = net
     wl = source_wavelength(pattern, sim, default_wavelength)
+    if strip_ka2 and abs(wl - CU_KA_AVERAGE) < 1e-3:  # Rachinger: Cu K-alpha1+2 doublets to K-alpha1
+        y, wl = strip_kalpha2(tt, np.clip(y, 0.0, None)), CU_KA1
     tt_c = convert_wavelength(tt, wl, sim.wavelength)
     ok = np.isfinite(tt_c)
     tt_c, y = tt_c[ok], y[ok]
