@@ -230,6 +230,17 @@ def run_vgg_point(
     return row
 
 
+def study_params(p: Any, args: argparse.Namespace) -> Any:
+    """The params a study trains with: ``p`` with the command line's label mode and training budget."""
+    return dataclasses.replace(
+        p,
+        labels=dataclasses.replace(p.labels, mode=args.mode),
+        model=dataclasses.replace(p.model, kind="cnn1d"),
+        train=dataclasses.replace(p.train, epochs=args.epochs, batch_size=args.batch, learning_rate=args.lr),
+        pattern=dataclasses.replace(p.pattern, patterns_per_epoch=args.per_epoch),
+    )
+
+
 def write_plot_csv(rows: list[dict[str, Any]], path: Path) -> None:
     """The curve as ``dvc plots`` reads it: one row per point."""
     import csv
@@ -280,13 +291,7 @@ def main() -> None:
 
     configure_logging()  # the library's progress (VGG16 features) on stderr
     p = load_params(args.params)
-    params = dataclasses.replace(
-        p,
-        labels=dataclasses.replace(p.labels, mode=args.mode),
-        model=dataclasses.replace(p.model, kind="cnn1d"),
-        train=dataclasses.replace(p.train, epochs=args.epochs, batch_size=args.batch, learning_rate=args.lr),
-        pattern=dataclasses.replace(p.pattern, patterns_per_epoch=args.per_epoch),
-    )
+    params = study_params(p, args)
     if args.set:
         import yaml
 
