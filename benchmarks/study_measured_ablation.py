@@ -157,7 +157,9 @@ def posthoc_rows(
     m: Measured,
     params: Any,
 ) -> list[dict[str, Any]]:
-    """The post-hoc variants of one model: without / with temperature, training / uniform prior."""
+    """The post-hoc variants of one model: without / with temperature; the training prior, a uniform one,
+    or the tuning half's class frequencies (what ``measured.prior: <file>`` would hold for a lab that
+    labelled those patterns; the report half is never looked at)."""
     from scipy.special import softmax
 
     from xrdvision.crystal.labels import class_names
@@ -166,11 +168,18 @@ def posthoc_rows(
     classes = class_names(params.labels.mode)
     raw = softmax(np.log(np.clip(probs_t, 1e-30, None)) * temperature, axis=1)  # undo the temperature
     uniform = prior_from_spec("uniform", classes, train_prior, "ablation")
+    tuning = np.array([h == "tuning" for h in m.halves])
+    # the prior a lab would set from patterns it has labelled: the tuning half's class frequencies (+1 each)
+    minerals = np.bincount(m.y[tuning], minlength=len(classes)) + 1.0
     rows = []
     for name, p in (
         ("no temperature", raw),
         ("temperature", probs_t),
         ("temperature + uniform prior", correct_prior(probs_t, np.asarray(train_prior), uniform)),
+        (
+            "temperature + tuning-half prior",
+            correct_prior(probs_t, np.asarray(train_prior), minerals / minerals.sum()),
+        ),
     ):
         rows.append(
             {"model_kind": kind, "step": step, "posthoc": name, **figures(p, m, classes, params.seed)}
@@ -189,6 +198,17 @@ def run_cnn1d_step(step: str, args: argparse.Namespace, params: Any, cod: Any) -
     t0 = time.perf_counter()
     model, _, info = fit_cnn1d(p, table=table, backup_dir=backup, verbose=2)
     train_s = time.perf_counter() - t0
+    saved = Path("data/cache/measured_ablation/models") / f"{step}-{args.point}-{p.labels.mode}.keras"
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    model.save(saved)  # for rescoring (--model) without training again
+    rows = score_cnn1d(step, model, info["temperature"], info["train_prior"], p)
+    return [r | {"n_train": len(table), "train_seconds": round(train_s, 1)} for r in rows]
+
+
+def score_cnn1d(
+    step: str, model: Any, temperature: float, train_prior: list[float], p: Any
+) -> list[dict[str, Any]]:
+    """Rows of one 1-D model on the measured patterns: each preprocessing variant x post-hoc step."""
     rows = []
     variants = [("snip", True, step == "ka2strip")]
     if step == "impurity":
@@ -196,7 +216,7 @@ def run_cnn1d_step(step: str, args: argparse.Namespace, params: Any, cod: Any) -
     for prep_name, bg, strip in variants:
         m = measured_inputs(p, "cnn1d", background=bg, strip_ka2=strip)
         probs = np.asarray(model.predict(m.x, batch_size=128, verbose=0), dtype=np.float64)
-        for r in posthoc_rows(step, "cnn1d", probs, info["temperature"], info["train_prior"], m, p):
+        for r in posthoc_rows(step, "cnn1d", probs, temperature, train_prior, m, p):
             rows.append(
                 r
                 | {
@@ -205,7 +225,7 @@ def run_cnn1d_step(step: str, args: argparse.Namespace, params: Any, cod: Any) -
                 }
             )
     for r in rows:
-        r |= {"n_train": len(table), "train_seconds": round(train_s, 1), "temperature": info["temperature"]}
+        r["temperature"] = temperature
     log(
         f"cnn1d {step}: "
         + ", ".join(
@@ -282,6 +302,46 @@ def measured_vgg_features(front: Any, m: Measured, params: Any) -> np.ndarray:
     return out
 
 
+def rescore(args: argparse.Namespace, params: Any, cod: Any) -> list[dict[str, Any]]:
+    """Rows of a saved 1-D model (e.g. the registered one): its temperature is read from its
+    ``temperature`` layer, its training prior from the labels of ``--point``'s structures."""
+    import keras
+
+    from xrdvision.crystal.labels import class_names
+    from xrdvision.models.calibration import class_prior
+    from xrdvision.models.train_cnn1d import encode
+
+    model = keras.models.load_model(args.model)
+    temperature = 1.0 / float(model.get_layer("temperature").scale)
+    mode = params.labels.mode
+    classes = class_names(mode)
+    prior = class_prior(encode(point_table(args.point, cod, args, params), mode, classes), len(classes))
+    log(f"{args.model}: temperature {temperature:.3f}")
+    return score_cnn1d(args.step_name, model, temperature, prior, params)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The README's ablation table: one line per (kind, step, preprocessing, post-hoc) row."""
+
+    def pct(r: dict[str, Any], half: str) -> str:
+        lo, hi = r[f"{half}_accuracy_ci95_low"], r[f"{half}_accuracy_ci95_high"]
+        return f"{r[f'{half}_accuracy']:.1%} ({lo:.0%}-{hi:.0%})"
+
+    head = (
+        "| kind | step | preprocessing | post-hoc | tuning half | report half | report balanced | all 440 "
+        "| RRUFF / RockJock | ECE (all) |\n|---|---|---|---|---|---|---|---|---|---|"
+    )
+    lines = [head]
+    for r in rows:
+        src = r["per_source"]
+        by_source = f"{src['rruff_agi']['accuracy']:.1%} / {src['rockjock']['accuracy']:.1%}"
+        cells = [r["model_kind"], r["step"], r["preprocessing"], r["posthoc"], pct(r, "tuning_half")]
+        cells += [pct(r, "report_half"), f"{r['report_half_balanced_accuracy']:.1%}", pct(r, "measured")]
+        cells += [by_source, f"{r['measured_ece']:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--params", default="params.yaml")
@@ -296,7 +356,20 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument(
+        "--model",
+        type=Path,
+        help="score this saved 1-D model (a .keras file with its temperature layer) as step --step-name; "
+        "its training prior is that of --point's structures",
+    )
+    ap.add_argument("--step-name", default="registered")
+    ap.add_argument(
+        "--table", action="store_true", help="print the README's markdown table of --out and exit"
+    )
     args = ap.parse_args()
+    if args.table:
+        print(markdown_table(json.loads(args.out.read_text())["rows"]))
+        return
 
     from xrdvision.config import load_params
     from xrdvision.data.peak_table import cod_table
@@ -309,6 +382,12 @@ def main() -> None:
         for r in doc["rows"]
     }
     cod = cod_table(params)
+    if args.model is not None:
+        doc["rows"] += [
+            r | {"label_mode": args.mode, "point": args.point} for r in rescore(args, params, cod)
+        ]
+        write_json(args.out, doc)
+        return
     for step in args.steps:
         if (args.kind, step, args.point, args.mode) in done:
             log(f"{args.kind} {step}: done already, skipped")

@@ -258,9 +258,13 @@ def test_output_formats(mixed, inputs):
 
     preds = list(mixed.values())
     table = format_table(preds).splitlines()
-    assert table[0].split() == ["file", "kind", "label", "1st", "2nd", "3rd"]
-    assert len(table) == 1 + len(preds) + 1
-    assert table[-1].startswith(f"{len(preds)} file(s), 7 failed; model models:/{NAME}@challenger")
+    assert table[0].split() == ["file", "kind", "label", "1st", "2nd", "3rd", "flag"]
+    assert len(table) == 1 + len(preds) + 2
+    assert table[-2].startswith(f"{len(preds)} file(s), 7 failed; model models:/{NAME}@challenger")
+    assert table[-1] == "class prior train; uncertain: top-1 probability under 50%"
+    for p in preds:
+        if p.ok:
+            assert p.uncertain == (p.top[0][1] < 0.5)
     row = next(line for line in table if line.startswith(str(inputs["unseen_cif"])))
     top = mixed["unseen_cif"].top
     assert row.split()[1:3] == ["cif", "trigonal"] and row.split()[3] == top[0][0]
@@ -274,6 +278,7 @@ def test_output_formats(mixed, inputs):
     by = {f["file"]: f for f in doc["files"]}
     rr = by[str(RRUFF)]
     assert rr["status"] == "ok" and rr["error"] is None and len(rr["top"]) == 3
+    assert rr["uncertain"] == mixed["rruff"].uncertain
     assert rr["top"][0]["probability"] == pytest.approx(mixed["rruff"].top[0][1], abs=1e-6)
     assert by[str(inputs["junk"])]["status"] == "error" and by[str(inputs["junk"])]["top"] == []
 
@@ -284,6 +289,7 @@ def test_output_formats(mixed, inputs):
         if p.ok:
             assert [r["class_1"], r["class_2"], r["class_3"]] == [c for c, _ in p.top]
             assert float(r["p_1"]) >= float(r["p_2"]) >= float(r["p_3"])
+            assert r["uncertain"] == ("yes" if p.uncertain else "no")
     assert rows[2]["label"] == "trigonal"
 
 
@@ -722,3 +728,42 @@ def test_predict_command_json_csv_and_exit_status(trained, inputs, tmp_path, cap
     assert main(["--params", str(cfg), "predict", *good]) == 1
     _, err = capsys.readouterr()
     assert "champion" in err and len(err.strip().splitlines()) == 1
+
+
+def test_class_prior_and_uncertain_flag_follow_params(trained, loaded, mixed, inputs, tmp_path):
+    """measured.prior reweights the calibrated probabilities by new / training class frequencies (stored
+    with the model), measured.uncertain_below flags low top-1 probabilities; a prior file naming a class
+    the model lacks, or a prior a model without stored frequencies cannot apply, is one line."""
+    from xrdvision.models.calibration import correct_prior
+    from xrdvision.serve.predict import predict_files
+
+    train_prior = np.asarray(loaded.train_prior)
+    assert train_prior.shape == (len(loaded.classes),) and train_prior.sum() == pytest.approx(1, abs=1e-4)
+    m = trained.params.measured
+    uniform = replace(trained.params, measured=replace(m, prior="uniform", uncertain_below=0.9))
+    (p,) = predict_files([RRUFF], uniform, model=loaded)
+    seen = (train_prior > 0) / (train_prior > 0).sum()
+    want = correct_prior(mixed["rruff"].probabilities[None], train_prior, seen)[0]
+    np.testing.assert_allclose(p.probabilities, want, atol=1e-6)  # float32 model outputs
+    assert p.uncertain == (p.probabilities.max() < 0.9) and "class prior uniform" in p.calibration
+
+    prior_csv = tmp_path / "prior.csv"
+    prior_csv.write_text("class,weight\nmonoclinic,3\northorhombic,1\n")
+    (q,) = predict_files(
+        [RRUFF], replace(trained.params, measured=replace(m, prior=str(prior_csv))), model=loaded
+    )
+    assert set(np.flatnonzero(q.probabilities > 0)) <= {
+        loaded.classes.index("monoclinic"),
+        loaded.classes.index("orthorhombic"),
+    }
+    prior_csv.write_text("class,weight\nrhombic,1\n")
+    with pytest.raises(XrdVisionError, match="class 'rhombic' is not one of the model's classes"):
+        predict_files(
+            [RRUFF], replace(trained.params, measured=replace(m, prior=str(prior_csv))), model=loaded
+        )
+
+    old = _old_model_folder(trained, tmp_path)
+    from xrdvision.serve.loading import load_model
+
+    with pytest.raises(XrdVisionError, match="needs the model's training class frequencies"):
+        predict_files([RRUFF], uniform, model=load_model(uniform, str(old)))
