@@ -33,7 +33,8 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ from xrdvision.crystal.powder import PowderSettings, simulate_batch
 from xrdvision.data.generate_inputs import fit, training_sets
 from xrdvision.data.generate_report import stage_metrics
 from xrdvision.data.generator_sample import Sampler
+from xrdvision.data.generator_tables import GroupTable, group_tables
 from xrdvision.data.mp_source import mp_labels, reduced_formula
 from xrdvision.data.peaklists import powder_settings
 from xrdvision.data.peaklists_report import summarise
@@ -93,6 +95,9 @@ class GenerateTask:
     symprec: float
     angle_tolerance: float
     plan: str
+    # The Wyckoff tables (1.5 MB), built once by the caller: a fresh worker would spend 2-4 s of CPU on
+    # PyXtal's import and Group objects. Not part of the plan (the code digest has PyXtal's version).
+    tables: Mapping[int, GroupTable] | None = field(default=None, repr=False, compare=False)
 
 
 def _digest(obj: Any) -> str:
@@ -127,6 +132,7 @@ def plan_tasks(params: Params, stats_text: str) -> list[GenerateTask]:
         "shard_size": g.shard_size,
     }
     tasks = []
+    tables = group_tables()
     for index, start in enumerate(range(0, g.n_crystals, g.shard_size)):
         count = min(g.shard_size, g.n_crystals - start)
         name = SHARD_PATTERN.format(source=SOURCE, index=index).removesuffix(".npz")
@@ -146,6 +152,7 @@ def plan_tasks(params: Params, stats_text: str) -> list[GenerateTask]:
                 params.labels.symprec,
                 params.labels.angle_tolerance,
                 plan,
+                tables,
             )
         )
     return tasks
@@ -171,7 +178,9 @@ def build_shard(task: GenerateTask) -> tuple[bytes, float]:
     """Worker: draw, simulate, label one shard; its file's bytes and the worker's peak RSS (MB)."""
     import resource
 
-    sampler = Sampler(json.loads(task.stats), task.max_atoms, task.min_distance, source="stats.json")
+    sampler = Sampler(
+        json.loads(task.stats), task.max_atoms, task.min_distance, source="stats.json", tables=task.tables
+    )
     records, failed = draw_crystals(sampler, task)
     batch = simulate_batch(records, task.settings, source=SOURCE)
     keep, labels = [], []

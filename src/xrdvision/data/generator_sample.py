@@ -16,8 +16,11 @@ object. One crystal of space group ``sg``:
    from the group's quantiles.
 
 A draw over ``max_atoms`` atoms in the conventional cell is drawn again (up to ``MAX_TRIES`` times,
-then the crystal is counted as not generated). No minimum-distance check: overlapping atoms (closer
-than 0.5 A) are found by the batch simulator, which reports the crystal as failed.
+then the crystal is counted as not generated). Each orbit's generating point is drawn again (up to
+``MAX_TRIES`` times) while an atom of it comes closer than ``min_distance`` to another
+(:meth:`Sampler._place`; 0 turns the check off, and the batch simulator still fails a crystal whose
+atoms are closer than 0.5 A). The check is most of the sampling time, so it measures from one atom per
+orbit, which gives the all-atoms loop's answers (:func:`place_reference`, kept as the tests' reference).
 """
 
 from __future__ import annotations
@@ -78,10 +81,17 @@ def _normalised(weights: list[float]) -> np.ndarray:
 
 class Sampler:
     """Crystals from a statistics dict (as :func:`~xrdvision.data.generator_fit.fit_statistics`
-    writes it); ``source`` names the file in errors: a malformed file is an :class:`InputError`."""
+    writes it); ``source`` names the file in errors: a malformed file is an :class:`InputError`.
+    ``tables``: the Wyckoff tables (:func:`~xrdvision.data.generator_tables.group_tables`, built here
+    if not given; a pool worker gets them with its task instead of spending seconds on PyXtal)."""
 
     def __init__(
-        self, stats: Mapping[str, Any], max_atoms: int, min_distance: float = 1.0, source: str = "statistics"
+        self,
+        stats: Mapping[str, Any],
+        max_atoms: int,
+        min_distance: float = 1.0,
+        source: str = "statistics",
+        tables: Mapping[int, GroupTable] | None = None,
     ) -> None:
         self.source, self.max_atoms, self.min_distance = source, int(max_atoms), float(min_distance)
         try:
@@ -112,7 +122,7 @@ class Sampler:
             raise InputError(
                 source, f"not a generator statistics file: {type(exc).__name__}: {exc}"
             ) from None
-        self.tables = group_tables()
+        self.tables = tables if tables is not None else group_tables()  # a worker may be given them
         self._position_prob: dict[int, np.ndarray] = {}
 
     def space_group_prior(self, prior: str) -> np.ndarray:
@@ -206,29 +216,47 @@ class Sampler:
         self, t: GroupTable, sites: list[int], cell: list[float], rng: np.random.Generator
     ) -> np.ndarray | None:
         """The orbits' coordinates, each generating point drawn again (up to ``MAX_TRIES`` times) while
-        an atom of it is closer than ``min_distance`` to another (minimum image); None if one never fits."""
-        parts: list[np.ndarray] = []
+        an atom of it is closer than ``min_distance`` to another (minimum image); None if one never fits.
+
+        The decisions and random draws of :func:`place_reference`, with less work per try: when
+        ``min_distance`` is under half the lattice's smallest singular value, a rounded fractional
+        difference closer than it is the true nearest image, so the check is symmetric under the
+        space group (whose operations are isometries of the cell, :func:`_isometries`), which maps each
+        orbit and the placed atoms onto themselves: every atom of an orbit has the same nearest
+        neighbours as its first one, and only that atom is measured. Otherwise the reference runs. A fixed
+        position (no free coordinate) that clashes once clashes on every try: its remaining tries'
+        points are drawn at once and the draw fails, as the loop would."""
         if self.min_distance <= 0:
             return np.concatenate([t.orbit(j, rng.random(3)) for j in sites])
         lattice = cholesky_sym3(metric(cell))
+        if not (
+            self.min_distance < 0.5 * np.linalg.svd(lattice, compute_uv=False)[-1] and _isometries(t, lattice)
+        ):
+            return place_reference(t, sites, cell, rng, self.min_distance)
         limit = self.min_distance**2
-        placed = np.zeros((0, 3))
-        for j in sites:
-            for _ in range(MAX_TRIES):
-                new = t.orbit(j, rng.random(3))
-                both = np.concatenate([placed, new])
-                delta = new[:, None, :] - both[None, :, :]
-                delta -= np.round(delta)
+        mult = t.multiplicity[sites]
+        placed = np.empty((int(mult.sum()), 3))
+        n = 0  # atoms placed so far: placed[:n]
+        for j, m in zip(sites, mult.tolist(), strict=True):
+            maps = t.ops[t.offsets[j] : t.offsets[j + 1]]
+            rot, shift = maps[:, :, :3], maps[:, :, 3]
+            for k in range(MAX_TRIES):
+                new = np.mod(rot @ rng.random(3) + shift, 1.0)
+                placed[n : n + m] = new
+                delta = new[0] - placed[: n + m]
+                delta -= np.rint(delta)  # np.round's numbers (it is rint at 0 decimals), less overhead
                 cart = delta @ lattice
-                d2 = np.einsum("ijk,ijk->ij", cart, cart)
-                d2[:, len(placed) :][np.eye(len(new), dtype=bool)] = np.inf
-                if d2.min(initial=np.inf) >= limit:
+                d2 = np.einsum("ij,ij->i", cart, cart)
+                d2[n] = np.inf  # the atom itself
+                if d2.min() >= limit:
                     break
+                if t.dof[j] == 0:  # the same atoms on every try
+                    rng.random((MAX_TRIES - 1 - k, 3))
+                    return None
             else:
                 return None
-            parts.append(new)
-            placed = both
-        return np.concatenate(parts)
+            n += m
+        return placed
 
     def _kinds(self, elements: tuple[str, ...], n: int, rng: np.random.Generator) -> list[str]:
         """An element per orbit: each of the set once (if there are orbits enough), the rest in
@@ -261,6 +289,57 @@ class Sampler:
             if frac is not None:
                 return {"id": name, "cell": cell, "species": species, "frac": frac, "sg": sg}
         return None
+
+
+_ROTATIONS: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _rotations(t: GroupTable) -> tuple[np.ndarray, np.ndarray]:
+    """The group's distinct rotation parts ``R`` (its general position's, centring removed) and their
+    transposes; once per group and process."""
+    if t.number not in _ROTATIONS:
+        rot = np.unique(t.ops[t.offsets[0] : t.offsets[1], :, :3], axis=0)
+        _ROTATIONS[t.number] = rot, rot.transpose(0, 2, 1).copy()
+    return _ROTATIONS[t.number]
+
+
+def _isometries(t: GroupTable, lattice: np.ndarray) -> bool:
+    """Whether the group's operations keep distances in this cell (``R^T G R = G`` for the metric ``G``
+    and every rotation part ``R``): the crystal system's constraints hold, as :meth:`Sampler._cell` makes
+    them."""
+    g = lattice @ lattice.T
+    rot, rot_t = _rotations(t)
+    return float(np.abs(rot_t @ g @ rot - g).max()) <= 1e-9 * float(np.abs(g).max())
+
+
+def place_reference(
+    t: GroupTable,
+    sites: list[int],
+    cell: list[float],
+    rng: np.random.Generator,
+    min_distance: float,
+) -> np.ndarray | None:
+    """The one-orbit-at-a-time placement that :meth:`Sampler._place` vectorises (its reference in the
+    tests): each orbit's generating point drawn until no atom of it is closer than ``min_distance`` to
+    one placed before or to another of its own, at most ``MAX_TRIES`` times."""
+    lattice = cholesky_sym3(metric(cell))
+    limit = min_distance**2
+    placed = np.zeros((0, 3))
+    for j in sites:
+        for _ in range(MAX_TRIES):
+            new = t.orbit(j, rng.random(3))
+            both = np.concatenate([placed, new])
+            delta = new[:, None, :] - both[None, :, :]
+            delta -= np.round(delta)
+            cart = delta @ lattice
+            d2 = np.einsum("ijk,ijk->ij", cart, cart)
+            d2[:, len(placed) :][np.eye(len(new), dtype=bool)] = np.inf
+            if d2.min(initial=np.inf) >= limit:
+                break
+        else:
+            return None
+        placed = both
+    return placed
 
 
 def load_sampler(path: str | Path, max_atoms: int, min_distance: float = 1.0) -> Sampler:
