@@ -320,6 +320,19 @@ def rescore(args: argparse.Namespace, params: Any, cod: Any) -> list[dict[str, A
     return score_cnn1d(args.step_name, model, temperature, prior, params)
 
 
+def add_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Append ``rows`` to the results file as it is *now* (several runs may write it in turn)."""
+    from xrdvision.formats.atomic import write_json
+
+    doc = json.loads(path.read_text()) if path.is_file() else {"rows": []}
+    doc["rows"] += rows
+    doc["measured_folder"] = "../shared/experimental (measured.folder)"
+    doc["split"] = (
+        "data/measured_split.csv (tuning half: looked at while choosing ranges; report half: scored only)"
+    )
+    write_json(path, doc)
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The README's ablation table: one line per (kind, step, preprocessing, post-hoc) row."""
 
@@ -373,7 +386,6 @@ def main() -> None:
 
     from xrdvision.config import load_params
     from xrdvision.data.peak_table import cod_table
-    from xrdvision.formats.atomic import write_json
 
     params = study_params(load_params(args.params), args)
     doc = json.loads(args.out.read_text()) if args.out.is_file() else {"rows": []}
@@ -383,10 +395,9 @@ def main() -> None:
     }
     cod = cod_table(params)
     if args.model is not None:
-        doc["rows"] += [
-            r | {"label_mode": args.mode, "point": args.point} for r in rescore(args, params, cod)
-        ]
-        write_json(args.out, doc)
+        add_rows(
+            args.out, [r | {"label_mode": args.mode, "point": args.point} for r in rescore(args, params, cod)]
+        )
         return
     for step in args.steps:
         if (args.kind, step, args.point, args.mode) in done:
@@ -394,25 +405,23 @@ def main() -> None:
             continue
         run = run_cnn1d_step if args.kind == "cnn1d" else run_vgg_step
         rows = run(step, args, params, cod)
-        doc["rows"] += [
-            r
-            | {
-                "label_mode": args.mode,
-                "point": args.point,
-                "budget": {
-                    "epochs": args.epochs,
-                    "patterns_per_epoch": args.per_epoch,
-                    "batch": args.batch,
-                    "lr": args.lr,
-                },
-            }
-            for r in rows
-        ]
-        doc["measured_folder"] = params.measured.folder
-        doc["split"] = (
-            "data/measured_split.csv (tuning half: looked at while choosing ranges; report half: scored only)"
+        add_rows(
+            args.out,
+            [
+                r
+                | {
+                    "label_mode": args.mode,
+                    "point": args.point,
+                    "budget": {
+                        "epochs": args.epochs,
+                        "patterns_per_epoch": args.per_epoch,
+                        "batch": args.batch,
+                        "lr": args.lr,
+                    },
+                }
+                for r in rows
+            ],
         )
-        write_json(args.out, doc)
 
 
 if __name__ == "__main__":

@@ -86,3 +86,26 @@ def test_every_real_pattern_has_peaks():
     sim = SimulateParams()
     for r in rows:
         to_training_grid(read_pattern(EXPERIMENTAL_DIR / r["file"]), sim, default_wavelength=1.5418)
+
+
+def test_training_grid_strips_kalpha2_of_cu_scans_only():
+    """measured.strip_kalpha2: a Cu K-alpha1+2 scan loses its K-alpha2 lines and is read at K-alpha1;
+    a scan at another wavelength has no known doublet and is left as it is."""
+    from xrdvision.crystal.bragg import CU_KA_AVERAGE
+
+    tt, both = _doublet(True)
+    sim = SimulateParams(two_theta_min=10.0, two_theta_max=89.0, step=0.01)
+    cu = MeasuredPattern(tt, both + 0.01, CU_KA_AVERAGE, "cu.xy")
+    kept = to_training_grid(cu, sim)
+    stripped = to_training_grid(cu, sim, strip_ka2=True)
+    g = np.round(np.arange(10.0, 89.0 + 1e-9, 0.01), 6)
+
+    def top(y: np.ndarray, at: np.ndarray) -> np.ndarray:  # the highest point within 0.05 degree
+        return np.array([y[np.abs(g - a) <= 0.05].max() for a in at])
+
+    d = D_SPACINGS[-2:]
+    assert np.all(top(kept, two_theta(d, CU_KA2 * CU_KA1 / CU_KA_AVERAGE)) > 0.2)  # read at the average
+    assert np.all(top(stripped, two_theta(d, CU_KA2)) < 0.05)
+    assert np.all(top(stripped, two_theta(d, CU_KA1)) > 0.5)  # K-alpha1 where it was simulated
+    mo = MeasuredPattern(tt, both + 0.01, 1.5, "other.xy")
+    np.testing.assert_array_equal(to_training_grid(mo, sim, strip_ka2=True), to_training_grid(mo, sim))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pydantic import model_validator
 
-from xrdvision.config.base import Num, Str, _rule, _section
+from xrdvision.config.base import Bool, Num, Str, _rule, _section
 
 PRIOR_WORDS = ("train", "uniform")
 
@@ -17,7 +17,9 @@ class MeasuredParams:
     ``prior``: the class frequencies predictions assume. ``train`` leaves the model's own (its training
     sources'), ``uniform`` removes them, a path names a CSV of ``class,weight`` rows (e.g. the crystal
     systems of the minerals a lab sees); see :mod:`xrdvision.models.calibration`. ``uncertain_below``:
-    a top-1 probability under it is flagged ``uncertain`` (0 = never).
+    a top-1 probability under it is flagged ``uncertain`` (0 = never). ``strip_kalpha2``: remove the
+    K-alpha2 half of each doublet from Cu K-alpha1+2 scans (Rachinger) instead of training with it (for a
+    model trained with ``conditions.kalpha2: 0``; stored with the model, README: the ablation).
     """
 
     folder: Str = "../shared/experimental"
@@ -25,6 +27,7 @@ class MeasuredParams:
     wavelength: Num = 1.5418
     prior: Str = "train"
     uncertain_below: Num = 0.5
+    strip_kalpha2: Bool = True
 
     @model_validator(mode="after")
     def _rules(self) -> MeasuredParams:

@@ -65,7 +65,7 @@ class ConditionsParams:
     caglioti_w: list[Num] = Field(default_factory=lambda: [0.0004, 0.012])
     crystallite_nm: list[Num] = Field(default_factory=lambda: [20.0, 1000.0])  # Scherrer (K = 0.9), added
     eta: list[Num] = Field(default_factory=lambda: [0.2, 1.0])  # pseudo-Voigt Lorentzian fraction
-    kalpha2: Num = Field(0.6, ge=0, le=1)  # share with the Cu K-alpha2 doublet (half the K-alpha1 height)
+    kalpha2: Num = Field(0.0, ge=0, le=1)  # share with the Cu K-alpha2 doublet (0: scans are stripped)
     zero_shift: Num = Field(0.08, ge=0, le=2)  # |2-theta zero offset|, degrees, at most
     displacement: Num = Field(0.2, ge=0, le=2)  # |sample displacement|, mm, at most (goniometer R 240 mm)
     intensity_jitter: Num = Field(0.1, ge=0, le=1)  # relative sd of each line's intensity

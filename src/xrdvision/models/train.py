@@ -40,7 +40,7 @@ INPUT_SETTINGS: dict[str, tuple[str, ...]] = {
     "simulate": ("wavelength", "kalpha2", "two_theta_min", "two_theta_max", "step", "fwhm", "eta"),
     "labels": ("mode", "symprec", "angle_tolerance"),
     "render": ("size", "line_width"),
-    "measured": ("wavelength",),
+    "measured": ("wavelength", "strip_kalpha2"),
 }
 
 

@@ -116,7 +116,9 @@ class Preparer:
             sim = dataclasses.replace(
                 sim, two_theta_min=g.two_theta_min, two_theta_max=g.two_theta_max, step=g.step
             )
-        y = to_training_grid(pattern, sim, default_wavelength=default)
+        y = to_training_grid(
+            pattern, sim, default_wavelength=default, strip_ka2=self.params.measured.strip_kalpha2
+        )
         wl = pattern.wavelength if pattern.wavelength is not None else default
         notes = [f"wavelength {wl:g} A ({pattern.wavelength_from or 'default'})", *pattern.notes]
         if self.kind == "cnn1d":
