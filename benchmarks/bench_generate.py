@@ -41,7 +41,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -106,19 +106,10 @@ def warm_pool(workers: int, fn: Callable[[Any], Any], warm_task: Any) -> Iterato
 
 def feed(pool: Any, fn: Callable[[Any], Any], tasks: list[Any], workers: int) -> Iterator[tuple[Any, Any]]:
     """``(task, fn(task))`` as they finish, two tasks per worker in flight (the stage's runner's rule)."""
-    pending: dict[Future[Any], Any] = {}
-    todo = iter(tasks)
-    for task in todo:
-        pending[pool.submit(fn, task)] = task
-        if len(pending) >= 2 * workers:
-            break
-    while pending:
-        done, _ = wait(pending, return_when=FIRST_COMPLETED)
-        for fut in done:
-            yield pending.pop(fut), fut.result()
-            nxt = next(todo, None)
-            if nxt is not None:
-                pending[pool.submit(fn, nxt)] = nxt
+    from xrdvision.data.shard_runner import bounded
+
+    for task, fut in bounded(pool, fn, tasks, workers):
+        yield task, fut.result()
 
 
 def _timed_shard(task: Any) -> tuple[bytes, float, float]:

@@ -15,13 +15,11 @@ from typing import Any
 import numpy as np
 import pytest
 
+from test_generate import _stats
 from xrdvision.config import parse_params
 from xrdvision.data import generate
-from xrdvision.data.cod_set import read_cod_entry
 from xrdvision.data.generate import plan_tasks
-from xrdvision.data.generator_fit import describe, fit_statistics
 from xrdvision.data.generator_sample import Sampler, place_reference
-from xrdvision.errors import InputError
 
 # triclinic, monoclinic, orthorhombic, tetragonal, trigonal (hexagonal axes), hexagonal, cubic P/F/I
 GROUPS = (2, 14, 62, 139, 148, 166, 194, 221, 225, 229)
@@ -29,13 +27,7 @@ GROUPS = (2, 14, 62, 139, 148, 166, 194, 221, 225, 229)
 
 @pytest.fixture(scope="module")
 def stats(embedded_cifs: dict[str, Path]) -> dict[str, Any]:
-    descs = []
-    for path in list(embedded_cifs.values())[:12]:
-        try:
-            descs.append(describe(read_cod_entry(path, 0.01, 5.0)["record"]))
-        except (InputError, ValueError):
-            continue
-    return fit_statistics(descs, min_structures=3)
+    return _stats(embedded_cifs)  # the statistics test_generate fits: 12 embedded COD structures
 
 
 def _inputs(sampler: Sampler, sg: int, rng: np.random.Generator, volume_factor: float) -> tuple[Any, ...]:

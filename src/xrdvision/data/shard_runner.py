@@ -17,7 +17,7 @@ import logging
 import multiprocessing
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Any
 
@@ -81,28 +81,35 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
+def bounded(
+    pool: Any, fn: Callable[[Any], Any], tasks: Iterable[Any], workers: int
+) -> Iterator[tuple[Any, Future[Any]]]:
+    """``(task, finished future)`` as tasks finish, at most two per worker in flight: results come back
+    as they are ready and memory stays flat however many tasks there are (also the benchmarks' feed)."""
+    pending: dict[Future[Any], Any] = {}
+    todo = iter(tasks)
+    for task in todo:
+        pending[pool.submit(fn, task)] = task
+        if len(pending) >= 2 * workers:
+            break
+    while pending:
+        done, _ = wait(pending, return_when=FIRST_COMPLETED)
+        for fut in done:
+            yield pending.pop(fut), fut
+            nxt = next(todo, None)
+            if nxt is not None:
+                pending[pool.submit(fn, nxt)] = nxt
+
+
 def _pool(fn: Callable[[Any], Any], tasks: Sequence[Any], workers: int) -> Iterator[Outcome]:
     ctx = multiprocessing.get_context("forkserver")
     pool = ProcessPoolExecutor(
         max_workers=min(workers, len(tasks)), mp_context=ctx, initializer=_exit_with_parent
     )
     try:
-        # At most two tasks per worker in flight: results come back as they finish, memory stays flat.
-        pending: dict[Future[Any], Any] = {}
-        todo = iter(tasks)
-        for task in todo:
-            pending[pool.submit(fn, task)] = task
-            if len(pending) >= 2 * workers:
-                break
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in done:
-                task = pending.pop(fut)
-                exc = fut.exception()
-                yield (task, None, one_line(exc)) if exc else (task, fut.result(), None)
-                nxt = next(todo, None)
-                if nxt is not None:
-                    pending[pool.submit(fn, nxt)] = nxt
+        for task, fut in bounded(pool, fn, tasks, workers):
+            exc = fut.exception()
+            yield (task, None, one_line(exc)) if exc else (task, fut.result(), None)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
