@@ -145,7 +145,7 @@ def test_full_repro_trains_evaluates_and_registers(tmp_path):
             "train": {"epochs": 3, "learning_rate": 0.001},
             "measured": {"folder": str(measured)},
             "split": {"train_sources": ["cod", "synth"]},
-            "generate": {"n_crystals": 12, "shard_size": 6, "workers": 1},
+            "generate": {"n_crystals": 20, "shard_size": 10, "workers": 1},
         },
     )
     out = _run(["dvc", "repro"], repo, env)
