@@ -91,10 +91,10 @@ def test_drawn_pattern_is_the_1d_models_draw(shard_file: Path) -> None:
     table = from_shard(read_shard(shard_file), "synth")
     x = measurement.grid(p.pattern)
     idx = np.arange(len(table))
-    drawn = measured_images.draw_patterns(table, idx, p, x, np.random.default_rng(7))
+    drawn = measurement.draw_patterns(table, idx, p, x, np.random.default_rng(7))
     one_d = measured_batch(table, idx, p, x, np.random.default_rng(7))[..., 0] ** 2
     assert drawn.shape == (N_STRUCTURES, len(x)) and np.allclose(drawn, one_d, atol=1e-5)
-    clean = measured_images.draw_patterns(table, idx, p, x, None)
+    clean = measurement.draw_patterns(table, idx, p, x, None)
     assert not np.allclose(clean, drawn, atol=1e-3)  # noiseless scoring images differ from the draws
 
 

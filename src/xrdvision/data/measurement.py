@@ -27,6 +27,7 @@ structures (COD validation and test) are scored.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -302,3 +303,19 @@ def clean_patterns(
         )
     y = render(Lines(row, tt, hh, None), n_rows, x, np.full((n_rows, 1), fwhm), np.full(n_rows, eta))
     return y / np.maximum(y.max(axis=1, keepdims=True), 1e-12)
+
+
+def draw_patterns(
+    table: Any, idx: np.ndarray, params: Any, x: np.ndarray, rng: np.random.Generator | None
+) -> np.ndarray:
+    """Linear patterns (B, len(x)), max 1, of structures ``idx`` of a peak table (anything with
+    ``lines(idx)``, ``len`` and ``wavelength``): under one fresh draw of ``params.conditions`` each
+    (impurity partners: any structures of the table), or noiseless with ``rng`` None (``params.simulate``'s
+    width and mixing, as real structures are scored). The 1-D model's batches, its scoring patterns and
+    VGG16's drawn images all come from here."""
+    lines = table.lines(idx)
+    if rng is None:
+        s = params.simulate
+        return clean_patterns(lines, len(idx), x, s.fwhm, s.eta, s.kalpha2, table.wavelength)
+    other = rng.integers(0, len(table), len(idx))
+    return measured_like(lines, table.lines(other), len(idx), x, params.conditions, rng, table.wavelength)

@@ -68,22 +68,6 @@ def renderer_for(params: Params) -> render.Renderer:
     return render.Renderer(params.render.size, params.render.line_width, (s.two_theta_min, s.two_theta_max))
 
 
-def draw_patterns(
-    table: PeakTable, idx: np.ndarray, params: Params, x: np.ndarray, rng: np.random.Generator | None
-) -> np.ndarray:
-    """Linear patterns (B, len(x)) of structures ``idx``, max 1: under one fresh draw of measurement
-    conditions each (impurity partners: any structures of ``table``), or noiseless with ``rng`` None (the
-    simulate stage's width and mixing, as simulated real structures are scored)."""
-    lines = table.lines(idx)
-    if rng is None:
-        s = params.simulate
-        return measurement.clean_patterns(lines, len(idx), x, s.fwhm, s.eta, s.kalpha2, table.wavelength)
-    other = rng.integers(0, len(table), len(idx))
-    return measurement.measured_like(
-        lines, table.lines(other), len(idx), x, params.conditions, rng, table.wavelength
-    )
-
-
 def features_of(
     front: Any,
     table: PeakTable,
@@ -93,7 +77,8 @@ def features_of(
     renderer: render.Renderer | None = None,
     on_batch: Callable[[int], Any] | None = None,
 ) -> np.ndarray:
-    """VGG16 front features (float32) of structures ``idx`` drawn by :func:`draw_patterns`, ``BATCH`` at
+    """VGG16 front features (float32) of structures ``idx`` drawn by
+    :func:`xrdvision.data.measurement.draw_patterns`, ``BATCH`` at
     a time (``rng`` is consumed batch by batch, so the same seed gives the same images); drawn ones
     (``rng`` given) get the image-level augmentation too."""
     x = measurement.grid(params.pattern)
@@ -103,7 +88,7 @@ def features_of(
     out = [np.zeros((0, *(int(d) for d in front.output.shape[1:])), np.float32)]
     for start in range(0, len(idx), BATCH):
         part = idx[start : start + BATCH]
-        y = draw_patterns(table, part, params, x, rng)
+        y = measurement.draw_patterns(table, part, params, x, rng)
         images = [renderer.render(x, row) for row in y]
         if rng is not None and (a.contrast > 0 or a.rotation > 0):
             images = [augment.augment_image(img, rng, a.contrast, a.rotation) for img in images]

@@ -23,8 +23,7 @@ from xrdvision.data.peak_table import PeakTable, cod_table, select, split_ids, t
 
 def clean_batch(table: PeakTable, idx: np.ndarray, params: Params, x: np.ndarray) -> np.ndarray:
     """Scaled noiseless patterns (B, G, 1) of structures ``idx``."""
-    s = params.simulate
-    y = measurement.clean_patterns(table.lines(idx), len(idx), x, s.fwhm, s.eta, s.kalpha2, table.wavelength)
+    y = measurement.draw_patterns(table, idx, params, x, None)
     return measurement.scale_intensity(y, params.pattern.scale)[..., None]
 
 

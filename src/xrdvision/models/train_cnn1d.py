@@ -42,10 +42,7 @@ def measured_batch(
     table: PeakTable, idx: np.ndarray, params: Params, x: np.ndarray, rng: np.random.Generator
 ) -> np.ndarray:
     """Scaled patterns (B, G, 1) of structures ``idx`` under fresh conditions (impurities: any others)."""
-    other = rng.integers(0, len(table), len(idx))
-    y = measurement.measured_like(
-        table.lines(idx), table.lines(other), len(idx), x, params.conditions, rng, table.wavelength
-    )
+    y = measurement.draw_patterns(table, idx, params, x, rng)
     return measurement.scale_intensity(y, params.pattern.scale)[..., None]
 
 

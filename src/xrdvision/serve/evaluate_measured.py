@@ -140,13 +140,13 @@ def half_metrics(
 def uncertain_figures(probs: np.ndarray, y: np.ndarray, threshold: float) -> dict[str, float]:
     """What ``measured.uncertain_below`` buys: the share of patterns answered with confidence and the
     accuracy on them (the rest are flagged ``uncertain``)."""
-    conf = probs.max(axis=1)
-    sure = conf >= threshold
-    hit = probs.argmax(axis=1) == y
+    from xrdvision.models.calibration import coverage_curve
+
+    (at,) = coverage_curve(probs, y, np.array([threshold]))
     return {
         "measured_uncertain_below": float(threshold),
-        "measured_coverage": float(sure.mean()),
-        "measured_accuracy_when_certain": float(hit[sure].mean()) if sure.any() else float("nan"),
+        "measured_coverage": at["coverage"],
+        "measured_accuracy_when_certain": at["accuracy"],
     }
 
 
@@ -204,6 +204,7 @@ def run_evaluate_measured(
     if split and not half_of:
         logger.warning("evaluate_measured: no split table %s: figures for the whole set only", split)
     lm = load_model(params, str(model_uri_or_dir))
+    reweight = lm.prior_correction(mp.prior)  # a bad prior fails now, not after every scan is prepared
     mode = lm.label_mode
     if mode not in ("crystal_system", "space_group"):
         raise XrdVisionError(
@@ -246,7 +247,7 @@ def run_evaluate_measured(
     if not kept:
         raise XrdVisionError(f"{folder / mp.index}: no pattern could be scored ({len(failures)} failed)")
 
-    probs = lm.with_prior(lm.predict(np.stack(images), progress=show), mp.prior)
+    probs = reweight(lm.predict(np.stack(images), progress=show))
     y = np.array([index_of[_label(r, mode)] for r in kept])
     sources = [_source_of(r["file"]) for r in kept]
     metrics = measured_metrics(probs, y, sources, lm.classes, params.seed)

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,15 +82,17 @@ class LoadedModel:
         stored = (self.settings or {}).get("train_prior")
         return [float(v) for v in stored] if isinstance(stored, list) else None
 
-    def with_prior(self, probs: np.ndarray, prior: str) -> np.ndarray:
-        """``probs`` under the class prior ``measured.prior`` names (``train``: unchanged); see
-        :func:`xrdvision.models.calibration.prior_from_spec`."""
+    def prior_correction(self, prior: str) -> Callable[[np.ndarray], np.ndarray]:
+        """What turns this model's probabilities into those under the class prior ``measured.prior``
+        names (``train``: unchanged; see :func:`xrdvision.models.calibration.prior_from_spec`). A bad prior
+        fails here, once, before any input is prepared."""
         from xrdvision.models.calibration import correct_prior, prior_from_spec
 
         new = prior_from_spec(prior, self.classes, self.train_prior, "measured.prior")
         if new is None:
-            return probs
-        return correct_prior(probs, np.asarray(self.train_prior), new)
+            return lambda probs: probs
+        train = np.asarray(self.train_prior)
+        return lambda probs: correct_prior(probs, train, new)
 
     def predict(self, images: np.ndarray, batch_size: int = 16, progress: bool = False) -> np.ndarray:
         """Class probabilities ``(n, n_classes)`` of raw 0-255 RGB images ``(n, size, size, 3)``, or of

@@ -88,7 +88,7 @@ def predict_files(
     show = logger.isEnabledFor(logging.INFO) if progress is None else progress
     lm = model or load_model(params, model_uri)
     settings = (params or Params()).measured
-    lm.with_prior(np.full((1, len(lm.classes)), 1.0 / len(lm.classes)), settings.prior)  # a bad prior: now
+    reweight = lm.prior_correction(settings.prior)
     calibration = (
         f"class prior {settings.prior}; uncertain: top-1 probability under {settings.uncertain_below:.0%}"
     )
@@ -100,7 +100,7 @@ def predict_files(
     def flush() -> None:
         if not pending:
             return
-        probs = lm.with_prior(lm.predict(np.stack([img for _, img in pending]), batch_size), settings.prior)
+        probs = reweight(lm.predict(np.stack([img for _, img in pending]), batch_size))
         for (i, _), p in zip(pending, probs, strict=True):
             results[i].probabilities = p
             results[i].top = _top_k(p, lm.classes, k)
